@@ -1,0 +1,64 @@
+"""Atomic file writes and content hashes: nothing half-written ever carries a final name."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def tmp_path_for(path: str | Path) -> Path:
+    """A temp name beside `path` (same filesystem, so the rename is atomic), recognisable by `.tmp-`."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temp path to write; on success fsync and rename it to `path`, on error remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def remove_stale_tmp(directory: str | Path) -> int:
+    """Delete temp files a crashed run left behind; returns how many."""
+    n = 0
+    for p in Path(directory).glob(".tmp-*"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

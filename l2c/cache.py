@@ -1,0 +1,263 @@
+"""The text-embedding cache format: Parquet shards plus a self-describing `manifest.json`.
+
+Layout of a cache directory::
+
+    DIR/manifest.json          format, settings (model, fingerprint, pooling, ...), one entry per shard
+    DIR/<shard>.parquet        key: string, field: string, embedding: fixed_size_list<float16|float32>[dim],
+                               n_tokens: int32, truncated: bool   (rows in the source's key order)
+    DIR/rejected/<shard>.jsonl captions that got no vector, with the reason (one file per shard)
+    DIR/rejected.jsonl         all of the above, assembled when a job ends
+
+Shards are written under a temp name and renamed when complete; the manifest is updated after the
+rename, so a shard listed in the manifest is always whole. Readers go through `TextCache`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from l2c import atomic
+
+FORMAT_NAME = "l2c-text-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REJECTED = "rejected.jsonl"
+REJECTED_DIR = "rejected"
+COLUMNS = ("key", "field", "embedding", "n_tokens", "truncated")
+STORE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+class CacheError(ValueError):
+    """A cache that is missing, damaged, or does not match what the caller expects."""
+
+
+def arrow_schema(dim: int, store_dtype: str = "float16") -> pa.Schema:
+    if store_dtype not in STORE_DTYPES:
+        raise CacheError(f"store dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("field", pa.string(), nullable=False),
+            pa.field("embedding", pa.list_(STORE_DTYPES[store_dtype], dim), nullable=False),
+            pa.field("n_tokens", pa.int32(), nullable=False),
+            pa.field("truncated", pa.bool_(), nullable=False),
+        ]
+    )
+
+
+def embeddings_to_arrow(emb: np.ndarray, store_dtype: str) -> pa.FixedSizeListArray:
+    emb = np.ascontiguousarray(emb, dtype=np.float16 if store_dtype == "float16" else np.float32)
+    n, dim = emb.shape
+    return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)
+
+
+def build_table(
+    keys: list[str],
+    fields: list[str],
+    embeddings: np.ndarray,
+    n_tokens,
+    truncated,
+    store_dtype: str = "float16",
+) -> pa.Table:
+    """One shard's rows as an Arrow table with the cache schema."""
+    n = len(keys)
+    if embeddings.ndim != 2 or embeddings.shape[0] != n or len(fields) != n:
+        raise CacheError(f"rows disagree: {n} keys, {len(fields)} fields, embeddings {embeddings.shape}")
+    dim = embeddings.shape[1] if n else 0
+    schema = arrow_schema(dim, store_dtype)
+    return pa.Table.from_arrays(
+        [
+            pa.array(keys, pa.string()),
+            pa.array(fields, pa.string()),
+            embeddings_to_arrow(embeddings.reshape(n, dim), store_dtype),
+            pa.array(np.asarray(n_tokens, dtype=np.int32)),
+            pa.array(np.asarray(truncated, dtype=bool)),
+        ],
+        schema=schema,
+    )
+
+
+def write_shard_file(path: str | Path, table: pa.Table) -> tuple[int, str]:
+    """Write a shard atomically; returns (rows, sha256 of the file)."""
+    with atomic.atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd" if table.num_rows else "none")
+    return table.num_rows, atomic.sha256_file(path)
+
+
+@dataclass
+class ShardEntry:
+    """One finished shard: where its rows came from and how to check the file."""
+
+    file: str
+    source: str
+    rows: int
+    sha256: str
+    n_rejected: int = 0
+    n_truncated: int = 0
+    n_tokens: int = 0
+    padded_tokens: int = 0
+
+
+@dataclass
+class Manifest:
+    """`manifest.json`: the settings that produced the vectors and the shards written so far."""
+
+    settings: dict
+    shards: dict[str, ShardEntry] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    l2c_version: str = ""
+
+    def to_dict(self) -> dict:
+        totals = {
+            "shards": len(self.shards),
+            "rows": sum(s.rows for s in self.shards.values()),
+            "rejected": sum(s.n_rejected for s in self.shards.values()),
+            "truncated": sum(s.n_truncated for s in self.shards.values()),
+        }
+        return {
+            "format": self.format,
+            "format_version": self.format_version,
+            "l2c_version": self.l2c_version,
+            "settings": self.settings,
+            "totals": totals,
+            "shards": {name: asdict(s) for name, s in sorted(self.shards.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Manifest:
+        if d.get("format") != FORMAT_NAME:
+            raise CacheError(f"not an l2c text cache (format={d.get('format')!r})")
+        if int(d.get("format_version", -1)) > FORMAT_VERSION:
+            raise CacheError(
+                f"cache format version {d['format_version']} is newer than this l2c reads ({FORMAT_VERSION})"
+            )
+        shards = {k: ShardEntry(**v) for k, v in d.get("shards", {}).items()}
+        return cls(
+            settings=d["settings"],
+            shards=shards,
+            format=d["format"],
+            format_version=int(d["format_version"]),
+            l2c_version=d.get("l2c_version", ""),
+        )
+
+    def save(self, directory: str | Path) -> None:
+        from l2c import __version__
+
+        self.l2c_version = __version__
+        atomic.write_json(Path(directory) / MANIFEST, self.to_dict())
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Manifest:
+        p = Path(directory) / MANIFEST
+        if not p.exists():
+            raise CacheError(f"{directory} has no {MANIFEST}: not a text cache (run `l2c embed-captions`)")
+        return cls.from_dict(json.loads(p.read_text()))
+
+
+class TextCache:
+    """Read access to a finished (or partly finished) text-embedding cache.
+
+    >>> cache = TextCache("cache/")
+    >>> cache.dim, cache.fields, len(cache)
+    >>> keys, fields, vecs = cache.load()              # everything, as numpy
+    >>> table = cache.read_shard("shard-000")          # one shard, as Arrow, rows in source order
+    """
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.manifest = Manifest.load(self.dir)
+        self.settings = self.manifest.settings
+
+    @property
+    def dim(self) -> int:
+        return int(self.settings["dim"])
+
+    @property
+    def fields(self) -> list[str]:
+        return list(self.settings.get("fields", []))
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.settings.get("model_fingerprint", ""))
+
+    @property
+    def shard_names(self) -> list[str]:
+        return sorted(self.manifest.shards)
+
+    def __len__(self) -> int:
+        return sum(s.rows for s in self.manifest.shards.values())
+
+    def shard_for_source(self, source: str | Path) -> str | None:
+        """Name of the shard written from `source` (matched by path, then by file stem)."""
+        src = str(source)
+        for name, entry in self.manifest.shards.items():
+            if entry.source == src:
+                return name
+        stem = Path(src).name.split(".")[0]
+        return stem if stem in self.manifest.shards else None
+
+    def read_shard(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        entry = self.manifest.shards[name]
+        return pq.read_table(self.dir / entry.file, columns=columns)
+
+    def iter_tables(self, columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
+        for name in self.shard_names:
+            yield name, self.read_shard(name, columns)
+
+    def load(self, fields: list[str] | None = None, dtype=np.float32) -> tuple[list[str], list[str], np.ndarray]:
+        """All rows (optionally only some fields) as (keys, fields, embeddings[n, dim])."""
+        keys: list[str] = []
+        flds: list[str] = []
+        parts: list[np.ndarray] = []
+        for _, t in self.iter_tables(["key", "field", "embedding"]):
+            if fields is not None:
+                mask = np.isin(np.asarray(t.column("field").to_pylist(), dtype=object), fields)
+                t = t.filter(pa.array(mask))
+            keys += t.column("key").to_pylist()
+            flds += t.column("field").to_pylist()
+            parts.append(embedding_matrix(t, dtype))
+        emb = np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype)
+        return keys, flds, emb
+
+    def rejected(self) -> list[dict]:
+        out = []
+        for p in sorted((self.dir / REJECTED_DIR).glob("*.jsonl")):
+            out += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        return out
+
+    def validate(self) -> list[str]:
+        """Check every shard against the manifest (file present, rows, dim, dtype, sha256). Returns problems."""
+        problems = []
+        for name, entry in sorted(self.manifest.shards.items()):
+            path = self.dir / entry.file
+            if not path.exists():
+                problems.append(f"{name}: file {entry.file} is missing")
+                continue
+            digest = atomic.sha256_file(path)
+            if digest != entry.sha256:
+                problems.append(f"{name}: sha256 {digest[:12]}… differs from manifest {entry.sha256[:12]}…")
+                continue
+            meta = pq.read_metadata(path)
+            if meta.num_rows != entry.rows:
+                problems.append(f"{name}: {meta.num_rows} rows, manifest says {entry.rows}")
+            schema = pq.read_schema(path)
+            want = arrow_schema(self.dim, self.settings.get("store_dtype", "float16"))
+            if entry.rows and not schema.equals(want, check_metadata=False):
+                problems.append(f"{name}: schema {schema} differs from {want}")
+        return problems
+
+
+def embedding_matrix(table: pa.Table, dtype=np.float32) -> np.ndarray:
+    """The `embedding` column of a cache table as a dense [rows, dim] numpy array."""
+    col = table.column("embedding").combine_chunks()
+    dim = col.type.list_size
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, dim).astype(dtype, copy=False)

@@ -1,0 +1,1 @@
+"""l2c.pipeline: the caption-embedding job (sources → tokenize → encode in Ray actors → Parquet cache)."""
