@@ -1,0 +1,28 @@
+"""Starting or joining Ray: a private local instance by default, a cluster with `--ray-address`/`RAY_ADDRESS`."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True):
+    """Join the cluster at `address` (or `RAY_ADDRESS`); else start a fresh local Ray in a temp dir.
+
+    Returns True when this call started Ray (the caller then owns `ray.shutdown()`).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = {"log_to_driver": not quiet, "include_dashboard": False, "configure_logging": not quiet}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        tmp = tempfile.mkdtemp(prefix="l2c-ray-", dir="/tmp")
+        ray.init(address="local", num_cpus=num_cpus, _temp_dir=tmp, **kwargs)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    return True
