@@ -1,0 +1,5 @@
+"""The one error type of `l2c.eval`: inputs that cannot be evaluated as given."""
+
+
+class EvalError(ValueError):
+    """Missing or duplicate keys, a cache that does not fit the model, unusable images or classes."""
