@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
 import typer
 
 
@@ -33,5 +34,39 @@ def _register_demo_data(app) -> None:
         print_summary(info, out)
 
 
+def _register_make_shards(app) -> None:
+    @app.command("make-shards")
+    def make_shards_cmd(
+        images_dir: Path = typer.Argument(..., help="Folder of images named by the captions records."),
+        captions: Path = typer.Option(..., "--captions", help="JSONL, one record per image."),
+        out: Path = typer.Option(..., "--out", help="Output directory for shard-NNNNNN.tar, rejected.jsonl, info.json."),
+        shard_size: int = typer.Option(1000, "--shard-size", help="Samples per tar shard."),
+        image_field: str = typer.Option("file", "--image-field", help="Record field with the image file name."),
+        key_field: str = typer.Option("image_id", "--key-field", help="Record field with the unique sample id."),
+        caption_field: str = typer.Option("captions", "--caption-field", help="Record field with the caption(s)."),
+        max_side: int | None = typer.Option(None, "--max-side", help="Re-encode images whose longer side exceeds N."),
+        quality: int = typer.Option(90, "--quality", help="JPEG quality when re-encoding."),
+        strict: bool = typer.Option(False, "--strict", help="Fail on the first bad record instead of rejecting it."),
+        workers: int = typer.Option(0, "--workers", help="Image-reading threads (0: up to 4, one per core)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards made from other inputs."),
+    ) -> None:
+        """Convert a folder of images plus a captions JSONL into webdataset shards; bad records are reported."""
+        from l2c.trainer.make_shards import MakeShardsConfig, MakeShardsError, make_shards, print_summary
+
+        cfg = MakeShardsConfig(shard_size=shard_size, image_field=image_field, key_field=key_field,
+                               caption_field=caption_field, max_side=max_side, jpeg_quality=quality, strict=strict)
+        if workers > 0:
+            cfg.workers = workers
+        try:
+            info = make_shards(images_dir, captions, out, cfg, overwrite=overwrite)
+        except MakeShardsError as e:
+            raise click.ClickException(str(e)) from e
+        print_summary(info, out)
+
+
 def register(app) -> None:
+    from l2c.trainer.train_command import register_train_vision
+
     _register_demo_data(app)
+    _register_make_shards(app)
+    register_train_vision(app)

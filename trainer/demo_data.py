@@ -411,8 +411,7 @@ def print_summary(info: dict, out: str | Path, console=None) -> None:
 
     console = console or Console()
     p = info["params"]
-    title = f"demo data in {out}" + (" (already complete, skipped)" if info.get("skipped") else "")
-    table = Table(title=title)
+    table = Table(title="make-demo-data" + (" (already complete, skipped)" if info.get("skipped") else ""))
     for col in ("split", "images", "shards", *info["classes"]):
         table.add_column(col, justify="right" if col != "split" else "left")
     for name, s in info["splits"].items():
@@ -420,5 +419,6 @@ def print_summary(info: dict, out: str | Path, console=None) -> None:
     console.print(table)
     console.print(
         f"{p['image_size']}px {p['image_format']}, {p['min_objects']}-{p['max_objects']} objects, seed {p['seed']}, "
-        f"{info['images_per_second']:,.0f} images/s"
+        f"{info['images_per_second']:,.0f} images/s; written to {out}",
+        soft_wrap=True,
     )
