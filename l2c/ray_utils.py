@@ -16,13 +16,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled") if not address else None
     kwargs = {"log_to_driver": not quiet, "include_dashboard": False, "configure_logging": not quiet}
     if address:
         ray.init(address=address, **kwargs)
     else:
         tmp = tempfile.mkdtemp(prefix="l2c-ray-", dir="/tmp")
         ray.init(address="local", num_cpus=num_cpus, _temp_dir=tmp, **kwargs)
+    import logging
+
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    if quiet:
+        for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     return True

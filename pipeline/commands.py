@@ -1,5 +1,114 @@
-"""Commands (being written)."""
+"""CLI commands of the pipeline: `embed-captions` and `cache-info`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
 
 
-def register(app) -> None:
-    pass
+def embed_captions(
+    sources: Annotated[list[str], typer.Argument(help="webdataset .tar shards, .jsonl or .parquet tables; globs and {000..009} ranges")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="cache directory")],
+    model: Annotated[str, typer.Option(help="local model dir, hub id, or `minilm` (the packaged all-MiniLM-L6-v2)")] = "minilm",
+    text_field: Annotated[list[str], typer.Option("--text-field", "-f", help="repeatable: txt, json:long_caption, captions[0], captions[*]")] = ["txt"],  # noqa: B006
+    key_field: Annotated[str, typer.Option(help="key column of table sources (tars use __key__)")] = "key",
+    engine: Annotated[str, typer.Option(help="hf (transformers)")] = "hf",
+    pooling: Annotated[str | None, typer.Option(help="mean|cls|last (default: the model's recorded setting, else mean)")] = None,
+    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize")] = True,
+    max_length: Annotated[int, typer.Option(help="tokens per caption, special tokens and instruction included")] = 512,
+    dtype: Annotated[str, typer.Option(help="auto|float32|bfloat16|float16 (auto: bf16 on GPU, fp32 on CPU)")] = "auto",
+    store_dtype: Annotated[str, typer.Option(help="float16|float32 for the stored vectors")] = "float16",
+    instruction: Annotated[str | None, typer.Option(help="prefix fed to the model but left out of pooling")] = None,
+    lora: Annotated[str | None, typer.Option(help="peft LoRA adapter dir, merged at load")] = None,
+    bidirectional: Annotated[bool | None, typer.Option("--bidirectional/--causal", help="decoders: attention mode (default bidirectional)")] = None,
+    batch_tokens: Annotated[int, typer.Option(help="padded tokens per batch")] = 16384,
+    max_batch_size: Annotated[int, typer.Option(help="captions per batch at most")] = 512,
+    num_actors: Annotated[int | None, typer.Option(help="encoder actors (default: one per GPU, else 1)")] = None,
+    cpus_per_actor: Annotated[float | None, typer.Option(help="CPUs reserved per encoder actor")] = None,
+    gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per encoder actor (0 forces CPU)")] = None,
+    ray_address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="join a Ray cluster (default: local Ray)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="discard a cache made with other settings")] = False,
+    strict: Annotated[bool, typer.Option(help="any rejected caption is an error")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> dict:  # fmt: skip
+    """Embed every (key, field) caption of SOURCES into a Parquet text cache at OUT (resumable)."""
+    from l2c.pipeline.embed_job import EmbedConfig, run_embed
+
+    cfg = EmbedConfig(
+        sources=list(sources), out=str(out), model=model, text_fields=list(text_field), key_field=key_field,
+        engine=engine, pooling=pooling, normalize=normalize, max_length=max_length, dtype=dtype,
+        store_dtype=store_dtype, instruction=instruction, lora=lora, bidirectional=bidirectional,
+        batch_tokens=batch_tokens, max_batch_size=max_batch_size, num_actors=num_actors,
+        cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, ray_address=ray_address,
+        overwrite=overwrite, strict=strict, progress=progress,
+    )  # fmt: skip
+    summary = run_embed(cfg)
+    print_embed_summary(summary)
+    return summary
+
+
+def print_embed_summary(s: dict) -> None:
+    t = Table(title=f"embed-captions → {s['out']}", show_header=False)
+    t.add_row("shards (written / skipped / total)", f"{s['shards_written']} / {s['shards_skipped']} / {s['shards']}")
+    if s["shards_failed"]:
+        t.add_row("[red]shards unreadable", ", ".join(s["shards_failed"]))
+    t.add_row("vectors in cache", f"{s['rows']:,} × {s['dim']}")
+    t.add_row("written this run", f"{s['rows_written']:,} captions, {s['tokens_written']:,} tokens")
+    t.add_row("throughput", f"{s['captions_per_s']:,.1f} captions/s, {s['tokens_per_s']:,.0f} tokens/s")
+    t.add_row("padding fraction", f"{s['padding_fraction']:.1%}")
+    t.add_row("truncated", f"{s['truncated']:,}")
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["rejected_by_reason_this_run"].items())) or "none"
+    t.add_row("rejected (see rejected.jsonl)", f"{s['rejected']:,}  ({reasons})")
+    t.add_row("time", f"{s['seconds']:.1f} s")
+    console.print(t)
+
+
+def cache_info(
+    cache: Annotated[Path, typer.Argument(help="cache directory")],
+    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="check every shard's rows, dim and sha256")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print the manifest summary as JSON")] = False,
+) -> dict:  # fmt: skip
+    """Print a cache's manifest summary and validate every shard."""
+    from l2c.cache import TextCache
+
+    c = TextCache(cache)
+    problems = c.validate() if validate else []
+    info = {
+        "dir": str(cache),
+        "settings": c.settings,
+        "shards": len(c.shard_names),
+        "rows": len(c),
+        "rejected": sum(s.n_rejected for s in c.manifest.shards.values()),
+        "truncated": sum(s.n_truncated for s in c.manifest.shards.values()),
+        "l2c_version": c.manifest.l2c_version,
+        "valid": not problems,
+        "problems": problems,
+    }
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        t = Table(title=f"text cache {cache}", show_header=False)
+        for k in ("model", "model_fingerprint", "engine", "pooling", "normalize", "max_length", "dtype",
+                  "store_dtype", "dim", "instruction", "fields"):  # fmt: skip
+            v = c.settings.get(k)
+            t.add_row(k, (str(v)[:16] + "…") if k == "model_fingerprint" else str(v))
+        t.add_row("shards / rows", f"{info['shards']} / {info['rows']:,}")
+        t.add_row("rejected / truncated", f"{info['rejected']:,} / {info['truncated']:,}")
+        status = "[green]all shards valid" if not problems else "[red]" + "; ".join(problems[:5])
+        t.add_row("validation", status if validate else "skipped")
+        console.print(t)
+    if problems:
+        raise typer.Exit(1)
+    return info
+
+
+def register(app: typer.Typer) -> None:
+    app.command("embed-captions")(embed_captions)
+    app.command("cache-info")(cache_info)

@@ -1,0 +1,387 @@
+"""`l2c embed-captions`: a resumable Ray Data job that writes the text-embedding cache.
+
+Stages, one Ray Data row per source shard so every stage sees a whole shard:
+  read + validate + tokenize (CPU actors) → encode (model actors, one per GPU or CPU slot) → write Parquet
+  (tasks; temp name, then rename) → the driver records each finished shard in `manifest.json`.
+A rerun with the same settings skips finished shards; a crash loses only the shards in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from l2c import atomic
+from l2c.cache import MANIFEST, REJECTED, REJECTED_DIR, CacheError, Manifest, ShardEntry
+
+# Settings that must match for a rerun to add to an existing cache.
+IDENTITY_KEYS = ("model_fingerprint", "engine", "pooling", "normalize", "max_length", "dtype", "store_dtype",
+                 "instruction", "fields", "key_field", "dim", "bidirectional")  # fmt: skip
+
+
+@dataclass
+class EmbedConfig:
+    """Everything `embed-captions` needs; the CLI flags map one to one onto these fields."""
+
+    sources: list[str]
+    out: str
+    model: str = "minilm"
+    text_fields: list[str] = field(default_factory=lambda: ["txt"])
+    key_field: str = "key"
+    engine: str = "hf"
+    pooling: str | None = None
+    normalize: bool = True
+    max_length: int = 512
+    dtype: str = "auto"
+    store_dtype: str = "float16"
+    instruction: str | None = None
+    lora: str | None = None
+    bidirectional: bool | None = None
+    batch_tokens: int = 16384
+    max_batch_size: int = 512
+    num_actors: int | None = None
+    cpus_per_actor: float | None = None
+    gpus_per_actor: float | None = None
+    ray_address: str | None = None
+    overwrite: bool = False
+    strict: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        from l2c.cache import STORE_DTYPES
+        from l2c.pipeline.encoder import DTYPES, POOLINGS
+
+        if self.engine not in ("hf", "vllm"):
+            raise ValueError(f"--engine must be hf or vllm, got {self.engine!r}")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ValueError(f"--pooling must be one of {POOLINGS}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {DTYPES}")
+        if self.store_dtype not in STORE_DTYPES:
+            raise ValueError(f"--store-dtype must be one of {sorted(STORE_DTYPES)}")
+        if not self.text_fields:
+            raise ValueError("at least one --text-field is needed")
+        if self.max_length < 4 or self.batch_tokens < self.max_length:
+            raise ValueError("need max_length >= 4 and batch_tokens >= max_length")
+
+
+# ---------------------------------------------------------------- stage 1: read, validate, tokenize
+class ReadTokenize:
+    """Ray Data actor: one source shard in, its accepted captions as token ids (plus rejects) out."""
+
+    def __init__(self, model_path: str, text_fields, key_field, max_length, instruction):
+        from transformers import AutoTokenizer
+
+        from l2c.pipeline.encoder import CaptionTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_path)
+        self.captions = CaptionTokenizer(tok, max_length, instruction)
+        self.args = (text_fields, key_field)
+
+    def __call__(self, batch: dict) -> dict:
+        from l2c.pipeline.sources import read_shard
+
+        out = {"shard": [], "payload": []}
+        for shard, source in zip(batch["shard"], batch["source"], strict=True):
+            rows = read_shard(str(source), str(shard), *self.args)
+            tok = self.captions(rows.texts)
+            lengths = np.asarray([len(x) for x in tok.ids], np.int64)
+            flat = np.fromiter((t for x in tok.ids for t in x), np.int32, int(lengths.sum()))
+            payload = {
+                "source": str(source), "keys": rows.keys, "fields": rows.fields, "rejects": rows.rejects,
+                "n_samples": rows.n_samples, "ids": flat, "lengths": lengths, "pool_start": tok.pool_start,
+                "n_tokens": tok.n_tokens, "truncated": tok.truncated,
+                "failed": any(r["reason"] == "unreadable_shard" for r in rows.rejects),
+            }  # fmt: skip
+            out["shard"].append(str(shard))
+            out["payload"].append(pickle.dumps(payload, protocol=5))
+        return out
+
+
+# ---------------------------------------------------------------- stage 2: encode
+class EncodeShard:
+    """Ray Data actor holding the frozen text model; encodes a whole shard with token-budget batches."""
+
+    def __init__(self, spec: dict, threads: int | None):
+        import torch
+        import transformers
+
+        from l2c.pipeline.encoder import TextEncoder
+
+        transformers.utils.logging.disable_progress_bar()
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.spec = spec
+        self.encoder = TextEncoder.load(
+            spec["model_path"], pooling=spec["pooling"], normalize=spec["normalize"],
+            max_length=spec["max_length"], dtype=spec["dtype"], instruction=spec["instruction"],
+            bidirectional=spec["bidirectional"], lora=spec["lora"],
+        )  # fmt: skip
+
+    def __call__(self, batch: dict) -> dict:
+        from l2c.pipeline.encoder import Tokenized
+
+        out = {"shard": [], "payload": []}
+        for shard, blob in zip(batch["shard"], batch["payload"], strict=True):
+            p = pickle.loads(blob)
+            offsets = np.concatenate([[0], np.cumsum(p.pop("lengths"))])
+            flat = p.pop("ids")
+            ids = [flat[offsets[i] : offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
+            tok = Tokenized(ids, p["pool_start"], p["n_tokens"], p["truncated"])
+            stats: dict = {}
+            t0 = time.perf_counter()
+            emb = self.encoder.encode_tokenized(tok, self.spec["batch_tokens"], self.spec["max_batch_size"], stats)
+            store = np.float16 if self.spec["store_dtype"] == "float16" else np.float32
+            p.update(embeddings=emb.astype(store), stats=stats, encode_s=time.perf_counter() - t0)
+            out["shard"].append(shard)
+            out["payload"].append(pickle.dumps(p, protocol=5))
+        return out
+
+
+# ---------------------------------------------------------------- stage 3: write
+def write_shard(batch: dict, out_dir: str, store_dtype: str, dim: int, strict: bool) -> dict:
+    """Ray Data task: Parquet (atomic) + the shard's rejects file; returns the manifest entry as JSON."""
+    from l2c.cache import build_table, write_shard_file
+
+    out = {"shard": [], "result": []}
+    for shard, blob in zip(batch["shard"], batch["payload"], strict=True):
+        p = pickle.loads(blob)
+        rej_path = Path(out_dir) / REJECTED_DIR / f"{shard}.jsonl"
+        atomic.write_text(rej_path, "".join(json.dumps(r) + "\n" for r in p["rejects"]))
+        result = {"status": "done", "rejects": _reason_counts(p["rejects"]), "n_samples": p["n_samples"],
+                  "encode_s": p["encode_s"], "stats": p["stats"]}  # fmt: skip
+        if p["failed"]:
+            result["status"] = "failed"
+            result["detail"] = p["rejects"][0]["detail"]
+        elif strict and p["rejects"]:
+            result["status"] = "strict"
+            result["detail"] = p["rejects"][:5]
+        else:
+            emb = p["embeddings"].reshape(len(p["keys"]), dim)
+            table = build_table(p["keys"], p["fields"], emb, p["n_tokens"], p["truncated"], store_dtype)
+            rows, digest = write_shard_file(Path(out_dir) / f"{shard}.parquet", table)
+            entry = ShardEntry(
+                file=f"{shard}.parquet", source=p["source"], rows=rows, sha256=digest,
+                n_rejected=len(p["rejects"]), n_truncated=int(np.sum(p["truncated"])),
+                n_tokens=int(p["stats"].get("real_tokens", 0)), padded_tokens=int(p["stats"].get("padded_tokens", 0)),
+            )  # fmt: skip
+            result["entry"] = asdict(entry)
+        out["shard"].append(shard)
+        out["result"].append(json.dumps(result))
+    return out
+
+
+def _reason_counts(rejects: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in rejects:
+        counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------- driver
+def resolve_settings(cfg: EmbedConfig, gpus_available: bool) -> tuple[dict, dict]:
+    """(settings recorded in the manifest, spec the actors load the model with)."""
+    from transformers import AutoConfig
+
+    from l2c.models import fingerprint, resolve_model
+    from l2c.pipeline.encoder import is_decoder_config, read_encoder_settings, resolve_dtype
+
+    path = resolve_model(cfg.model)
+    saved = read_encoder_settings(path)
+    mcfg = AutoConfig.from_pretrained(path)
+    decoder = is_decoder_config(mcfg)
+    bidirectional = cfg.bidirectional if cfg.bidirectional is not None else saved.get("bidirectional", decoder)
+    dtype = str(resolve_dtype(cfg.dtype, "cuda" if gpus_available else "cpu")).replace("torch.", "")
+    lora_fp = fingerprint(cfg.lora) if cfg.lora else None
+    settings = {
+        "model": str(cfg.model),
+        "model_path": str(path),
+        "model_fingerprint": fingerprint(path, {"lora": lora_fp} if lora_fp else None),
+        "lora": str(cfg.lora) if cfg.lora else None,
+        "engine": cfg.engine,
+        "pooling": cfg.pooling or saved.get("pooling", "mean"),
+        "normalize": cfg.normalize,
+        "max_length": cfg.max_length,
+        "dtype": dtype,
+        "store_dtype": cfg.store_dtype,
+        "instruction": cfg.instruction if cfg.instruction is not None else saved.get("instruction", ""),
+        "bidirectional": bool(bidirectional) if decoder else True,
+        "is_decoder": decoder,
+        "fields": list(cfg.text_fields),
+        "key_field": cfg.key_field,
+        "dim": int(mcfg.hidden_size),
+    }
+    spec = {k: settings[k] for k in ("model_path", "pooling", "normalize", "max_length", "dtype", "instruction",
+                                     "lora", "store_dtype")}  # fmt: skip
+    spec.update(bidirectional=bidirectional, batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size)
+    return settings, spec
+
+
+def open_manifest(out: Path, settings: dict, overwrite: bool) -> Manifest:
+    """The existing manifest when settings agree; a fresh one (old outputs removed) with --overwrite."""
+    if (out / MANIFEST).exists():
+        old = Manifest.load(out)
+        diff = {k: (old.settings.get(k), settings.get(k)) for k in IDENTITY_KEYS
+                if old.settings.get(k) != settings.get(k)}  # fmt: skip
+        if not diff:
+            old.settings = settings
+            return old
+        if not overwrite:
+            lines = "\n".join(f"  {k}: cache has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+            raise CacheError(
+                f"{out} already holds a cache made with other settings:\n{lines}\n"
+                "Use another --out, or --overwrite to discard it."
+            )
+        for p in [*out.glob("*.parquet"), out / MANIFEST, out / REJECTED]:
+            p.unlink(missing_ok=True)
+        shutil.rmtree(out / REJECTED_DIR, ignore_errors=True)
+    return Manifest(settings=settings)
+
+
+def assemble_rejects(out: Path, shards: list[str]) -> int:
+    """Write DIR/rejected.jsonl from the per-shard files of this job's shards; returns the count."""
+    lines = []
+    for name in shards:
+        p = out / REJECTED_DIR / f"{name}.jsonl"
+        if p.exists():
+            lines += [ln for ln in p.read_text().splitlines() if ln.strip()]
+    atomic.write_text(out / REJECTED, "".join(ln + "\n" for ln in lines))
+    return len(lines)
+
+
+def run_embed(cfg: EmbedConfig) -> dict:
+    """Embed every (key, field) caption of the sources into the cache at `cfg.out`; returns a summary."""
+    import ray
+
+    from l2c.pipeline.sources import expand_sources, shard_names
+    from l2c.ray_utils import init_ray
+
+    cfg.validate()
+    if cfg.engine == "vllm":
+        raise NotImplementedError("the vllm engine is not available in this version; use --engine hf")
+    sources = expand_sources(cfg.sources)
+    if not sources:
+        raise ValueError("no sources given")
+    names = shard_names(sources)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_tmp(out)
+    atomic.remove_stale_tmp(out / REJECTED_DIR) if (out / REJECTED_DIR).exists() else None
+
+    started = init_ray(cfg.ray_address)
+    t0 = time.time()
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        cpus = ray.cluster_resources().get("CPU", 1)
+        settings, spec = resolve_settings(cfg, gpus > 0)
+        manifest = open_manifest(out, settings, cfg.overwrite)
+        manifest.save(out)
+        done = {e.source for e in manifest.shards.values()}
+        todo = [s for s in sources if s not in done or not (out / f"{names[s]}.parquet").exists()]
+        skipped = len(sources) - len(todo)
+        results = []
+        if todo:
+            results = _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out)
+        n_rejects = assemble_rejects(out, [names[s] for s in sources])
+    finally:
+        if started:
+            ray.shutdown()
+    return _summary(cfg, sources, names, manifest, results, skipped, n_rejects, time.time() - t0)
+
+
+def _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out) -> list[dict]:
+    import ray
+
+    from l2c.pipeline.progress import ShardProgress
+
+    on_gpu = gpus > 0 and cfg.gpus_per_actor != 0
+    gpus_per = cfg.gpus_per_actor or (1 if on_gpu else 0)
+    n_actors = cfg.num_actors or (max(1, int(gpus // gpus_per)) if on_gpu else 1)
+    cpus_per = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else (1 if on_gpu else max(1.0, cpus - 1))
+    threads = None if on_gpu else max(1, int(cpus / n_actors))
+    n_readers = max(1, min(len(todo), 4 if on_gpu else 1, int(cpus // 2) or 1))
+
+    ds = ray.data.from_items(
+        [{"shard": names[s], "source": s} for s in todo], override_num_blocks=len(todo)
+    )
+    ds = ds.map_batches(
+        ReadTokenize, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_readers), num_cpus=0.5,
+        fn_constructor_args=(spec["model_path"], settings["fields"], settings["key_field"],
+                             settings["max_length"], settings["instruction"]),
+    )  # fmt: skip
+    ds = ds.map_batches(
+        EncodeShard, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=min(cpus_per, max(cpus - 1, 0.5)),
+        num_gpus=gpus_per if on_gpu else 0, fn_constructor_args=(spec, threads),
+    )  # fmt: skip
+    ds = ds.map_batches(
+        write_shard, batch_size=1, num_cpus=0.25,
+        fn_kwargs={"out_dir": str(out.resolve()), "store_dtype": settings["store_dtype"], "dim": settings["dim"],
+                   "strict": cfg.strict},
+    )  # fmt: skip
+
+    sizes = {names[s]: _size(s) for s in todo}
+    results, strict_fail = [], None
+    with ShardProgress(total_bytes=sum(sizes.values()), n_shards=len(todo), enabled=cfg.progress) as bar:
+        for row in ds.iter_rows():
+            res = json.loads(row["result"])
+            res["shard"] = row["shard"]
+            results.append(res)
+            if res["status"] == "done":
+                manifest.shards[row["shard"]] = ShardEntry(**res["entry"])
+                manifest.save(out)
+            elif res["status"] == "strict" and strict_fail is None:
+                strict_fail = res
+            e = res.get("entry", {})
+            bar.advance(sizes[row["shard"]], e.get("rows", 0), e.get("n_tokens", 0))
+    if strict_fail:
+        raise CacheError(
+            f"--strict: shard {strict_fail['shard']} has rejected captions, e.g. {strict_fail['detail'][:2]}; "
+            f"see {out / REJECTED_DIR / (strict_fail['shard'] + '.jsonl')}"
+        )
+    return results
+
+
+def _size(path: str) -> int:
+    import fsspec
+
+    try:
+        fs, p = fsspec.core.url_to_fs(path)
+        return max(1, int(fs.size(p)))
+    except Exception:
+        return 1
+
+
+def _summary(cfg, sources, names, manifest, results, skipped, n_rejects, elapsed) -> dict:
+    entries = [manifest.shards[names[s]] for s in sources if names[s] in manifest.shards]
+    reasons: dict[str, int] = {}
+    for r in results:
+        for k, v in r.get("rejects", {}).items():
+            reasons[k] = reasons.get(k, 0) + v
+    rows_new = sum(r.get("entry", {}).get("rows", 0) for r in results)
+    toks_new = sum(r.get("entry", {}).get("n_tokens", 0) for r in results)
+    padded = sum(r.get("entry", {}).get("padded_tokens", 0) for r in results)
+    return {
+        "out": str(cfg.out),
+        "shards": len(sources),
+        "shards_written": sum(r["status"] == "done" for r in results),
+        "shards_skipped": skipped,
+        "shards_failed": [r["shard"] for r in results if r["status"] == "failed"],
+        "rows": sum(e.rows for e in entries),
+        "rows_written": rows_new,
+        "rejected": n_rejects,
+        "rejected_by_reason_this_run": reasons,
+        "truncated": sum(e.n_truncated for e in entries),
+        "tokens_written": toks_new,
+        "padding_fraction": 0.0 if not padded else 1 - toks_new / padded,
+        "seconds": elapsed,
+        "captions_per_s": rows_new / elapsed if elapsed else 0.0,
+        "tokens_per_s": toks_new / elapsed if elapsed else 0.0,
+        "dim": manifest.settings["dim"],
+        "model_fingerprint": manifest.settings["model_fingerprint"],
+    }

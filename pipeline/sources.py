@@ -1,0 +1,256 @@
+"""Caption sources: webdataset tars, JSONL and Parquet tables, read into (key, field, text) rows.
+
+A field spec names where a caption lives:
+  `txt`                  a tar member (bytes → UTF-8) or a table column
+  `json:long_caption`    a path inside a JSON member (tar) or a JSON-string column (table)
+  `captions[0]`          a list element; `captions[*]` gives one row per element present
+  `meta.dense.text`      nested keys
+Every caption that cannot become a row is returned as a reject with its reason; nothing is dropped quietly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+import fsspec
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
+_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+|\*)\]")
+
+
+class SourceError(ValueError):
+    """A source or field spec that cannot be used."""
+
+
+def expand_sources(specs: list[str]) -> list[str]:
+    """Paths, globs, brace ranges (`shard-{000..009}.tar`) and fsspec URLs → an ordered, de-duplicated list."""
+    out: list[str] = []
+    for spec in specs:
+        for item in braceexpand.braceexpand(str(spec)):
+            if any(ch in item for ch in "*?["):
+                fs, _, paths = fsspec.get_fs_token_paths(item)
+                matches = sorted(paths)
+                if not matches:
+                    raise SourceError(f"no file matches {item!r}")
+                proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+                out += [m if proto in ("file", "local") else f"{proto}://{m}" for m in matches]
+            else:
+                out.append(item)
+    seen, unique = set(), []
+    for p in out:
+        p = str(Path(p).resolve()) if "://" not in p else p
+        if p not in seen:
+            seen.add(p)
+            unique.append(p)
+    for p in unique:
+        if not p.endswith(TAR_SUFFIXES + TABLE_SUFFIXES):
+            raise SourceError(f"{p}: unknown source type (expected {', '.join(TAR_SUFFIXES + TABLE_SUFFIXES)})")
+        if "://" not in p and not Path(p).exists():
+            raise SourceError(f"source {p} does not exist")
+    return unique
+
+
+def shard_names(sources: list[str]) -> dict[str, str]:
+    """source → shard name (the file's stem; disambiguated with a short hash when stems collide)."""
+    import hashlib
+
+    stems = {s: re.sub(r"\.(tar\.gz|tgz|tar|jsonl|json|parquet)$", "", s.rsplit("/", 1)[-1]) for s in sources}
+    counts: dict[str, int] = {}
+    for stem in stems.values():
+        counts[stem] = counts.get(stem, 0) + 1
+    return {
+        s: stem if counts[stem] == 1 else f"{stem}-{hashlib.sha1(s.encode()).hexdigest()[:8]}"
+        for s, stem in stems.items()
+    }
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """A parsed field spec: optional JSON member, then a path of keys / indices / `*`."""
+
+    spec: str
+    member: str | None
+    path: tuple
+
+    @classmethod
+    def parse(cls, spec: str) -> FieldSpec:
+        member, _, rest = spec.partition(":") if ":" in spec else (None, "", spec)
+        path: list = []
+        pos = 0
+        for m in _TOKEN.finditer(rest):
+            if m.start() != pos and rest[pos:m.start()] != ".":
+                raise SourceError(f"bad field spec {spec!r}")
+            pos = m.end()
+            if m.group(1) is not None:
+                path.append(m.group(1))
+            else:
+                path.append("*" if m.group(2) == "*" else int(m.group(2)))
+        if not path or pos != len(rest) or isinstance(path[0], int) or path[0] == "*":
+            raise SourceError(f"bad field spec {spec!r}: expected e.g. txt, json:long_caption, captions[0]")
+        if path.count("*") > 1:
+            raise SourceError(f"field spec {spec!r}: at most one [*]")
+        return cls(spec, member or None, tuple(path))
+
+
+_MISSING = object()
+
+
+def _walk(value, path: tuple, name: str) -> list[tuple[str, object]]:
+    """Follow `path` into value; returns [(field name, leaf)], several for `[*]`; leaf may be _MISSING."""
+    for i, step in enumerate(path):
+        if step == "*":
+            if not isinstance(value, list):
+                return [(name, _MISSING)]
+            prefix = name.split("[*]")[0]
+            suffix = name.split("[*]", 1)[1]
+            out = []
+            for j, item in enumerate(value):
+                out += _walk(item, path[i + 1 :], f"{prefix}[{j}]{suffix}")
+            return out
+        if isinstance(step, int):
+            value = value[step] if isinstance(value, list) and -len(value) <= step < len(value) else _MISSING
+        else:
+            value = value.get(step, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is _MISSING:
+            return [(name, _MISSING)]
+    return [(name, value)]
+
+
+@dataclass
+class ShardRows:
+    """What one source shard yields: accepted rows in key order, and rejects with reasons."""
+
+    keys: list[str] = field(default_factory=list)
+    fields: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+    n_samples: int = 0
+
+
+def _as_text(leaf) -> tuple[str | None, str | None]:
+    """(text, None) or (None, reason)."""
+    if leaf is _MISSING or leaf is None:
+        return None, "missing_field"
+    if isinstance(leaf, (bytes, bytearray)):
+        try:
+            leaf = bytes(leaf).decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "invalid_utf8"
+    if not isinstance(leaf, str):
+        return None, "not_string"
+    text = " ".join(leaf.split())  # normalise whitespace, strip
+    if not text:
+        return None, "empty"
+    if "\ufffd" in text:
+        return None, "invalid_utf8"
+    return text, None
+
+
+def _extract(record: dict, specs: list[FieldSpec]) -> list[tuple[str, object]]:
+    out = []
+    for fs in specs:
+        if fs.member is None:
+            out += _walk(record, fs.path, fs.spec)
+            continue
+        raw = record.get(fs.member, _MISSING)
+        if isinstance(raw, (bytes, bytearray, str)):
+            try:
+                raw = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                out.append((fs.spec.replace("[*]", "[0]"), "__bad_json__"))
+                continue
+        out += _walk(raw, fs.path, fs.spec) if raw is not _MISSING else [(fs.spec, _MISSING)]
+    return out
+
+
+def _tar_records(source: str) -> Iterator[dict]:
+    """Samples of a webdataset tar as dicts {__key__, ext: bytes}, grouped by key in file order."""
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+    with fsspec.open(source, "rb", compression="infer") as stream:
+        current: dict | None = None
+        for item in tar_file_iterator(stream, handler=None):
+            prefix, suffix = base_plus_ext(item["fname"])
+            if prefix is None:
+                continue
+            if current is None or current["__key__"] != prefix or suffix in current:
+                if current is not None:
+                    yield current
+                current = {"__key__": prefix}
+            current[suffix] = item["data"]
+        if current is not None:
+            yield current
+
+
+def _table_records(source: str) -> Iterator[dict | Exception]:
+    if source.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fsspec.open(source, "rb") as f:
+            table = pq.read_table(f)
+        yield from table.to_pylist()
+        return
+    with fsspec.open(source, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                yield SourceError(f"line {lineno}: {type(e).__name__}: {str(e)[:80]}")
+                continue
+            yield rec if isinstance(rec, dict) else SourceError(f"line {lineno}: not a JSON object")
+
+
+def read_shard(source: str, shard: str, text_fields: list[str], key_field: str = "key") -> ShardRows:
+    """Read one source into rows (key order kept; fields in spec order per key) plus counted rejects."""
+    specs = [FieldSpec.parse(f) for f in text_fields]
+    is_tar = source.endswith(TAR_SUFFIXES)
+    rows = ShardRows()
+    seen: set[str] = set()
+
+    def reject(key, fld, reason, detail=""):
+        rows.rejects.append(
+            {"shard": shard, "source": source, "key": key, "field": fld, "reason": reason, "detail": detail}
+        )
+
+    try:
+        records = _tar_records(source) if is_tar else _table_records(source)
+        for rec in records:
+            rows.n_samples += 1
+            if isinstance(rec, Exception):
+                reject(None, None, "bad_record", str(rec))
+                continue
+            key = rec.get("__key__") if is_tar else rec.get(key_field)
+            if key is None or (isinstance(key, str) and not key.strip()):
+                reject(None, None, "missing_key", f"record {rows.n_samples} has no {key_field!r}")
+                continue
+            key = str(key)
+            if key in seen:
+                reject(key, None, "duplicate_key", "key already seen in this source")
+                continue
+            seen.add(key)
+            for name, leaf in _extract(rec, specs):
+                if leaf == "__bad_json__":
+                    reject(key, name, "invalid_json")
+                    continue
+                text, why = _as_text(leaf)
+                if why:
+                    reject(key, name, why)
+                else:
+                    rows.keys.append(key)
+                    rows.fields.append(name)
+                    rows.texts.append(text)
+    except Exception as e:  # unreadable or truncated shard: the whole shard is reported, nothing written
+        return ShardRows(
+            rejects=[{"shard": shard, "source": source, "key": None, "field": None,
+                      "reason": "unreadable_shard", "detail": f"{type(e).__name__}: {str(e)[:200]}"}],
+            n_samples=rows.n_samples,
+        )  # fmt: skip
+    return rows
