@@ -1,0 +1,63 @@
+"""AdamW parameter groups (no decay on norms/biases/scales, layer-wise lr decay) and the cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from l2c.trainer.config import OptimConfig
+from l2c.trainer.vision import block_index_of
+from torch import nn
+
+
+def no_decay(name: str, p: torch.Tensor) -> bool:
+    """Norm weights, biases and scalars (logit scale/bias) get no weight decay."""
+    return p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Groups keyed by (lr scale, decay). Vision params at depth d of n blocks get layer_decay**(n+1-d)."""
+    depth = block_index_of(model.tower)
+    n = max(depth.values(), default=1) - 1
+    groups: dict[tuple[float, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("tower."):
+            scale = cfg.layer_decay ** (n + 1 - depth[name[len("tower.") :]])
+        else:
+            scale = cfg.head_lr_mult
+        nd = no_decay(name, p)
+        g = groups.setdefault(
+            (scale, nd),
+            {"params": [], "names": [], "lr_scale": scale, "weight_decay": 0.0 if nd else cfg.weight_decay},
+        )
+        g["params"].append(p)
+        g["names"].append(name)
+    return [
+        {
+            "params": g["params"],
+            "lr": cfg.lr * g["lr_scale"],
+            "weight_decay": g["weight_decay"],
+            "lr_scale": g["lr_scale"],
+        }
+        for _, g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))
+    ]
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """lr multiplier: linear warmup from 1/warmup to 1, then cosine down to `min_ratio` at `total`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_with_warmup(s, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    )

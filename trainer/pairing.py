@@ -1,0 +1,210 @@
+"""Pairing image samples with cached text vectors, by key, never by position alone.
+
+*Aligned* caches have one Parquet per tar with rows in the tar's key order: each tar is zipped with its
+cache shard and every key is checked. A cache shard whose order differs from its tar is detected
+(`aligned`: an error; `auto`: counted as `misordered` and joined by key for that shard). Otherwise a
+*join* index (sorted keys -> rows, vectors as a memory-mapped .npy) is built once and looked up.
+
+`pair_shard` yields, in tar order:
+    ("ok", key, sample, {field: vector})    ("missing_vector", key)    ("missing_image", key)
+    ("end", {"vector_without_image": n, "misordered": m})              once per shard
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from l2c import atomic
+from l2c.cache import CacheError, TextCache, embedding_matrix
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+INDEX_VERSION = 1
+
+
+def used_fields(cache: TextCache, weights: dict[str, float]) -> list[str]:
+    """Cache fields to sample captions from: those with weight > 0 (all, when no weights are given)."""
+    if not weights:
+        return cache.fields
+    unknown = sorted(set(weights) - set(cache.fields))
+    if unknown:
+        raise CacheError(
+            f"data.caption_weights names field(s) {unknown} the cache lacks (it has {cache.fields})"
+        )
+    fields = [f for f in cache.fields if weights.get(f, 0) > 0]
+    if not fields:
+        raise CacheError("data.caption_weights gives every field weight 0")
+    return fields
+
+
+class Pairing:
+    """Picklable pairing plan; workers load cache shards / the join index lazily."""
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        fields: list[str],
+        shard_names: dict[str, str] | None = None,
+        index_dir: str | Path | None = None,
+        strict: bool = False,
+    ):
+        if (shard_names is None) == (index_dir is None):
+            raise ValueError("give shard_names (aligned) or index_dir (join)")
+        self.cache_dir = str(cache_dir)
+        self.fields = list(fields)
+        self.shard_names = shard_names
+        self.index_dir = str(index_dir) if index_dir else None
+        self.strict = strict
+        self._loaded: tuple | None = None
+
+    @property
+    def mode(self) -> str:
+        return "aligned" if self.shard_names is not None else "join"
+
+    def __getstate__(self):
+        return {**self.__dict__, "_loaded": None}
+
+    # -- aligned ----------------------------------------------------------------------------------
+    def _shard_groups(self, name: str) -> tuple[list[str], dict[str, int], list[dict[str, np.ndarray]]]:
+        if self._loaded is not None and self._loaded[0] == name:
+            return self._loaded[1]
+        cache = TextCache(self.cache_dir)
+        table = cache.read_shard(name, ["key", "field", "embedding"])
+        keys, flds, vecs = (
+            table.column("key").to_pylist(),
+            table.column("field").to_pylist(),
+            embedding_matrix(table),
+        )
+        order: list[str] = []
+        where: dict[str, int] = {}
+        groups: list[dict[str, np.ndarray]] = []
+        for i, (k, f) in enumerate(zip(keys, flds, strict=True)):
+            if k not in where:
+                where[k] = len(order)
+                order.append(k)
+                groups.append({})
+            if f in self.fields:
+                groups[where[k]][f] = vecs[i]
+        self._loaded = (name, (order, where, groups))
+        return order, where, groups
+
+    def _pair_aligned(self, url: str, samples: Iterator[dict]) -> Iterator[tuple]:
+        name = self.shard_names[url]
+        order, where, groups = self._shard_groups(name)
+        j, matched, misordered = 0, set(), 0
+        for sample in samples:
+            key = sample["__key__"]
+            if j < len(order) and order[j] == key:
+                gi = j
+                j += 1
+            elif key in where:
+                gi = where[key]
+                if misordered == 0 and self.strict:
+                    raise CacheError(
+                        f"cache shard {name!r} is not in the key order of {url}: tar key {key!r} is cache row "
+                        f"group {gi}, expected {order[j] if j < len(order) else 'end of shard'!r}. The cache "
+                        "was not built from this tar; rebuild it or use data.pairing=join"
+                    )
+                misordered += 1
+            else:
+                yield ("missing_vector", key)
+                continue
+            matched.add(gi)
+            yield self._item(key, sample, groups[gi])
+        yield ("end", {"vector_without_image": len(order) - len(matched), "misordered": misordered})
+
+    # -- join -------------------------------------------------------------------------------------
+    def _index(self):
+        if self._loaded is None:
+            d = Path(self.index_dir)
+            meta = json.loads((d / "index.json").read_text())
+            self._loaded = (
+                meta,
+                np.load(d / "keys.npy", mmap_mode="r"),
+                np.load(d / "rows.npy", mmap_mode="r"),
+                np.load(d / "vectors.npy", mmap_mode="r"),
+            )
+        return self._loaded
+
+    def lookup(self, key: str) -> dict[str, np.ndarray]:
+        meta, keys, rows, vecs = self._index()
+        k = key.encode()
+        i = int(np.searchsorted(keys, k))
+        if i >= len(keys) or keys[i] != k:
+            return {}
+        return {
+            f: np.asarray(vecs[r], dtype=np.float32)
+            for f, r in zip(meta["fields"], rows[i], strict=True)
+            if r >= 0 and f in self.fields
+        }
+
+    def _pair_join(self, url: str, samples: Iterator[dict]) -> Iterator[tuple]:
+        for sample in samples:
+            key = sample["__key__"]
+            choices = self.lookup(key)
+            yield self._item(key, sample, choices) if choices else ("missing_vector", key)
+        yield ("end", {})
+
+    # -- both -------------------------------------------------------------------------------------
+    @staticmethod
+    def _item(key: str, sample: dict, choices: dict) -> tuple:
+        if not choices:
+            return ("missing_vector", key)
+        if not any(ext in sample for ext in IMAGE_EXTS):
+            return ("missing_image", key)
+        return ("ok", key, sample, choices)
+
+    def pair_shard(self, url: str, samples: Iterator[dict]) -> Iterator[tuple]:
+        if self.shard_names is not None:
+            return self._pair_aligned(url, samples)
+        return self._pair_join(url, samples)
+
+
+def build_join_index(cache: TextCache, out_dir: str | Path) -> Path:
+    """Sorted keys, per-key row of each field, and the vectors as .npy files; reused while the cache is same."""
+    out_dir = Path(out_dir)
+    stamp = {
+        "version": INDEX_VERSION,
+        "fingerprint": cache.fingerprint,
+        "shards": {n: e.sha256 for n, e in sorted(cache.manifest.shards.items())},
+    }
+    meta_path = out_dir / "index.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if {k: old.get(k) for k in stamp} == stamp:
+            return out_dir
+    keys, flds, vecs = cache.load(dtype=np.float16)
+    fields = cache.fields
+    fpos = {f: i for i, f in enumerate(fields)}
+    ukeys = sorted(set(keys))
+    kpos = {k: i for i, k in enumerate(ukeys)}
+    rows = np.full((len(ukeys), len(fields)), -1, dtype=np.int64)
+    for r, (k, f) in enumerate(zip(keys, flds, strict=True)):
+        if f in fpos:
+            rows[kpos[k], fpos[f]] = r
+    out_dir.mkdir(parents=True, exist_ok=True)
+    enc = np.array([k.encode() for k in ukeys], dtype=bytes) if ukeys else np.zeros(0, "S1")
+    for name, arr in (("keys", enc), ("rows", rows), ("vectors", vecs)):
+        with atomic.atomic_path(out_dir / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, arr)
+    atomic.write_json(meta_path, {**stamp, "fields": fields, "n_keys": len(ukeys), "n_rows": len(keys)})
+    return out_dir
+
+
+def plan_pairing(
+    cache: TextCache, shards: list[str], mode: str, fields: list[str], index_dir: str | Path
+) -> Pairing:
+    """Aligned when every tar has its own cache shard (mode auto/aligned), else a join index."""
+    names = {url: cache.shard_for_source(url) for url in shards}
+    missing = [u for u, n in names.items() if n is None]
+    if mode == "aligned" and missing:
+        raise CacheError(
+            f"data.pairing=aligned but {len(missing)} tar(s) have no cache shard (first: {missing[0]}); "
+            "embed them, or use data.pairing=join"
+        )
+    if mode in ("auto", "aligned") and not missing:
+        return Pairing(cache.dir, fields, shard_names=names, strict=mode == "aligned")
+    return Pairing(cache.dir, fields, index_dir=build_join_index(cache, index_dir))

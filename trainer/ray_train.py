@@ -1,0 +1,84 @@
+"""Run the training loop as a Ray Train `TorchTrainer` job: N workers, DDP underneath (gloo on CPU).
+
+Every worker runs `loop.train` on its rank; rank 0 writes the run directory, so with several nodes
+RUN_DIR must be on storage all of them share. The summary comes back from `RUN_DIR/summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from l2c.trainer.config import TrainConfig
+
+from l2c.ray_utils import init_ray
+
+
+def _worker_loop(args: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    from l2c.trainer.loop import train
+
+    device = ray.train.torch.get_device()
+
+    def report(row: dict) -> None:
+        ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
+
+    train(
+        args["cfg"],
+        args["images"],
+        args["text_cache"],
+        args["out"],
+        resume=args["resume"],
+        max_steps=args["max_steps"],
+        max_minutes=args["max_minutes"],
+        device=device,
+        progress=False,
+        report=report,
+    )
+
+
+def train_with_ray(
+    cfg: TrainConfig,
+    images: str | list[str],
+    text_cache: str | Path,
+    out: str | Path,
+    workers: int,
+    ray_address: str | None = None,
+    use_gpu: bool = False,
+    resume: bool = False,
+    max_steps: int | None = None,
+    max_minutes: float | None = None,
+) -> dict:
+    """Train with `workers` Ray Train workers (one CPU, or one GPU, each); returns the run summary."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = init_ray(ray_address)
+    try:
+        trainer = TorchTrainer(
+            _worker_loop,
+            train_loop_config={
+                "cfg": cfg,
+                "images": images,
+                "text_cache": str(Path(text_cache).resolve()),
+                "out": str(out),
+                "resume": resume,
+                "max_steps": max_steps,
+                "max_minutes": max_minutes,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}
+            ),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(name="train-vision", storage_path=str(out / "ray")),
+        )
+        trainer.fit()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return json.loads((out / "summary.json").read_text())
