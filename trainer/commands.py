@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
 import typer
 
 
@@ -60,7 +59,7 @@ def _register_make_shards(app) -> None:
         try:
             info = make_shards(images_dir, captions, out, cfg, overwrite=overwrite)
         except MakeShardsError as e:
-            raise click.ClickException(str(e)) from e
+            raise typer.BadParameter(str(e)) from e
         print_summary(info, out)
 
 

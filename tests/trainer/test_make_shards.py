@@ -8,8 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
-import click
 import pytest
+import typer
 import webdataset as wds
 from l2c.trainer import make_shards as ms
 from l2c.trainer.make_shards import MakeShardsConfig, MakeShardsError, make_shards
@@ -127,7 +127,7 @@ def test_strict_fails_on_first_problem(planted, records, tmp_path):
         make_shards(tmp_path / "imgs", only_corrupt, tmp_path / "s1", MakeShardsConfig(strict=True),
                     show_progress=False)
     assert not list_shards(tmp_path / "s1") and not list((tmp_path / "s1").glob(".tmp-*"))
-    with pytest.raises(click.ClickException, match="5 input problem"):
+    with pytest.raises(typer.BadParameter, match="5 input problem"):
         main(["make-shards", str(planted), "--captions", str(planted / "captions.jsonl"), "--out",
               str(tmp_path / "s2"), "--strict"])
     assert not (tmp_path / "s2" / "info.json").exists()
