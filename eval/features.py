@@ -41,6 +41,22 @@ def expand_shards(specs: list[str] | str) -> list[str]:
     return out
 
 
+def count_samples(shards: list[str]) -> int | None:
+    """Samples in local uncompressed tars, from their headers (for progress); None when not cheap to tell."""
+    import tarfile
+
+    if not all(s.endswith(".tar") and Path(s).is_file() for s in shards):
+        return None
+    keys = set()
+    for s in shards:
+        with tarfile.open(s) as tf:
+            for m in tf.getmembers():
+                if m.isfile():
+                    folder, _, base = m.name.rpartition("/")
+                    keys.add((s, folder, base.split(".")[0]))  # webdataset's sample key
+    return len(keys)
+
+
 def iter_samples(shards: list[str]) -> Iterator[dict]:
     """webdataset samples (dicts of raw bytes by extension, plus `__key__` and `__url__`) in shard order."""
     import webdataset as wds

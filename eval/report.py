@@ -85,7 +85,9 @@ def retrieval_table(result: dict, title: str = "Retrieval recall (%)") -> Table:
     table.add_column("texts")
     for k in ks:
         table.add_column(k, justify="right")
-    rows = [("all fields", result)] + list(result.get("per_field", {}).items())
+    fields = result.get("fields", [])
+    overall = "all fields" if len(fields) != 1 else fields[0]
+    rows = [(overall, result)] + list(result.get("per_field", {}).items())
     for name, r in rows:
         for direction, label in DIRECTIONS.items():
             table.add_row(label, name, *(fmt(r[direction][k]) for k in ks))

@@ -159,7 +159,7 @@ def run_retrieval(
 ) -> dict:
     """`l2c eval-retrieval`: image features from shards, caption features from the cache, recall both ways."""
     from l2c.eval import report
-    from l2c.eval.features import expand_shards, extract_image_features
+    from l2c.eval.features import count_samples, expand_shards, extract_image_features
     from l2c.eval.model import adapt_texts, check_cache_fits_model, load_model, resolve_device
 
     from l2c.cache import TextCache
@@ -175,7 +175,7 @@ def run_retrieval(
         raise EvalError(f"field(s) {unknown} are not in the text cache {text_cache} (it has {cache.fields})")
     shards = expand_shards(images)
 
-    with report.progress(f"image features ({len(shards)} shards)", None, "img") as advance:
+    with report.progress(f"image features ({len(shards)} shards)", count_samples(shards), "img") as advance:
         img = extract_image_features(net, shards, batch_size, device, progress=advance)
     if img.skipped:
         report.console.print(f"[yellow]{len(img.skipped)} sample(s) skipped: {img.skipped[:3]}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from l2c.cache import Manifest, ShardEntry, build_table, write_shard_file
+
+sys.path.insert(0, str(Path(__file__).parent))  # test modules import eval_reference
 
 
 def write_cache(

@@ -1,0 +1,107 @@
+"""eval-retrieval end to end: real webdataset tars, a real exported model, a real Parquet text cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import typer
+from eval_reference import export_tiny_model, features_by_hand, reference_recall, write_shards
+
+from l2c.cli import main
+
+TEXT_DIM = 16
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("retrieval")
+    samples = write_shards(root / "shards", n_shards=2, per_shard=15)
+    settings = {"model": "test-encoder", "dim": TEXT_DIM, "fields": ["txt", "json:long_caption"],
+                "model_fingerprint": "f00d", "store_dtype": "float32"}  # fmt: skip
+    export_tiny_model(root / "run", TEXT_DIM, settings)
+    return root, samples, settings
+
+
+def test_eval_retrieval_matches_reference(setup, make_cache, tmp_path):
+    root, samples, settings = setup
+    rng = np.random.default_rng(0)
+    keys = [s["key"] for s in samples]
+    # two short captions and one long caption per image
+    t_keys = keys * 2 + keys
+    t_fields = ["txt"] * len(keys) + ["txt2"] * len(keys) + ["json:long_caption"] * len(keys)
+    vecs = rng.standard_normal((len(t_keys), TEXT_DIM)).astype(np.float32)
+    cache = make_cache(t_keys, t_fields, vecs, fingerprint="f00d", shard_rows=25)
+    out = tmp_path / "out"
+    images = str(root / "shards" / "shard-{00000..00001}.tar")
+    assert main(["eval-retrieval", "--model", str(root / "run"), "--images", images, "--text-cache", str(cache),
+                 "--k", "1,5,10", "--out", str(out), "--backend", "faiss"]) == 0  # fmt: skip
+    got = json.loads((out / "eval.json").read_text())
+    assert list(got)[:4] == ["image_to_text", "text_to_image", "n_images", "n_texts"]
+    assert got["n_images"] == 30 and got["n_texts"] == 90 and got["missing"]["images_without_text"] == 0
+    assert (out / "recall_curves.png").stat().st_size > 1000
+
+    m, hand_keys, hand_feats = features_by_hand(root / "run", sorted((root / "shards").glob("*.tar")))
+    assert hand_keys == keys
+    with torch.no_grad():
+        text_feats = m.encode_text(torch.from_numpy(vecs)).numpy()
+    text_image = np.array([keys.index(k) for k in t_keys])
+    i2t, t2i = reference_recall(hand_feats, text_feats, text_image, [1, 5, 10])
+    assert got["image_to_text"] == pytest.approx(i2t, abs=1e-6)
+    assert got["text_to_image"] == pytest.approx(t2i, abs=1e-6)
+    # one field only
+    m_long = np.array(t_fields) == "json:long_caption"
+    i2t_l, t2i_l = reference_recall(hand_feats, text_feats[m_long], text_image[m_long], [1, 5])
+    res = main(["eval-retrieval", "--model", str(root / "run" / "export"), "--images", str(root / "shards"),
+                "--text-cache", str(cache), "--fields", "json:long_caption", "--k", "1,5", "--out", str(out)])  # fmt: skip
+    assert res == 0
+    got = json.loads((out / "eval.json").read_text())
+    assert got["n_texts"] == 30 and got["fields"] == ["json:long_caption"] and "per_field" not in got
+    assert got["text_to_image"] == pytest.approx(t2i_l, abs=1e-6)
+    assert got["image_to_text"] == pytest.approx(i2t_l, abs=1e-6)
+
+
+def test_eval_retrieval_refuses_mismatched_cache(setup, make_cache):
+    root, samples, _ = setup
+    keys = [s["key"] for s in samples]
+    rng = np.random.default_rng(1)
+    args = ["eval-retrieval", "--model", str(root / "run"), "--images", str(root / "shards"), "--text-cache"]
+    wrong_dim = make_cache(keys, ["txt"] * 30, rng.standard_normal((30, 8)), fingerprint="f00d")
+    with pytest.raises(typer.BadParameter, match="holds 8-d vectors but the model's adapter takes 16-d"):
+        main([*args, str(wrong_dim)])
+    wrong_fp = make_cache(keys, ["txt"] * 30, rng.standard_normal((30, TEXT_DIM)), fingerprint="beef")
+    with pytest.raises(typer.BadParameter, match="fingerprint beef"):
+        main([*args, str(wrong_fp)])
+    good = make_cache(keys, ["txt"] * 30, rng.standard_normal((30, TEXT_DIM)), fingerprint="f00d")
+    with pytest.raises(typer.BadParameter, match=r"field\(s\) \['long'\] are not in the text cache"):
+        main([*args, str(good), "--fields", "long"])
+
+
+def test_eval_retrieval_missing_and_duplicate_keys(setup, make_cache, tmp_path):
+    root, samples, _ = setup
+    keys = [s["key"] for s in samples]
+    rng = np.random.default_rng(2)
+    # the first image has no caption; one caption belongs to no image
+    t_keys = keys[1:] + ["not-an-image"]
+    cache = make_cache(t_keys, ["txt"] * 30, rng.standard_normal((30, TEXT_DIM)), fingerprint="f00d")
+    args = ["eval-retrieval", "--model", str(root / "run"), "--images", str(root / "shards"), "--text-cache",
+            str(cache)]  # fmt: skip
+    with pytest.raises(typer.BadParameter, match=r"1 image\(s\) have no caption \('s0-0000'\)"):
+        main(args)
+    assert main([*args, "--allow-missing", "--out", str(tmp_path / "o")]) == 0
+    got = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert got["missing"]["image_keys"] == ["s0-0000"] and got["missing"]["text_keys"] == [
+        ["not-an-image", "txt"]
+    ]
+    assert got["n_images"] == 30 and got["n_image_queries"] == 29 and got["n_texts"] == 29
+    # the same key in two shards
+    dup = tmp_path / "dup"
+    write_shards(dup, n_shards=1, per_shard=3)
+    (dup / "shard-00000.tar").rename(dup / "a.tar")
+    write_shards(dup, n_shards=1, per_shard=3, seed=1)
+    with pytest.raises(typer.BadParameter, match="duplicate image key 's0-0000'"):
+        main(
+            ["eval-retrieval", "--model", str(root / "run"), "--images", str(dup), "--text-cache", str(cache)]
+        )
