@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
 
     command = typer.main.get_command(app)
     try:
-        command.main(args=list(argv or []), prog_name="l2c", standalone_mode=False)
+        rv = command.main(args=list(argv or []), prog_name="l2c", standalone_mode=False)
     except click.exceptions.Exit as e:
         return int(e.exit_code or 0)
-    return 0
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
 
 
 if __name__ == "__main__":

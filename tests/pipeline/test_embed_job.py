@@ -1,0 +1,142 @@
+"""The embed-captions job end to end on a real local Ray, real tars and real Parquet."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from l2c.cache import CacheError, TextCache, embedding_matrix
+from l2c.cli import main
+from l2c.pipeline.embed_job import EmbedConfig, run_embed
+from l2c.pipeline.encoder import TextEncoder
+from tests.pipeline.conftest import caption_shards, write_tar
+
+FIELDS = ["txt", "json:long_caption"]
+
+
+def embed(sources, out, **kw):
+    kw.setdefault("text_fields", FIELDS)
+    kw.setdefault("progress", False)
+    return run_embed(EmbedConfig(sources=[str(s) for s in sources], out=str(out), **kw))
+
+
+def expected_rows(tar):
+    import webdataset as wds
+
+    rows = []
+    for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False):
+        rows.append((s["__key__"], "txt", s["txt"].decode()))
+        rows.append((s["__key__"], "json:long_caption", json.loads(s["json"])["long_caption"]))
+    return rows
+
+
+@pytest.mark.parametrize("model", ["minilm", "tiny_llama"])
+def test_cache_equals_direct_forward_and_keeps_shard_order(ray_local, tmp_path, request, model):
+    path = request.getfixturevalue("minilm_path" if model == "minilm" else model)
+    shards = caption_shards(tmp_path / "src", n_shards=2, per_shard=6)
+    summary = embed(shards, tmp_path / "cache", model=str(path), store_dtype="float32", dtype="float32")
+    assert summary["shards_written"] == 2 and summary["rejected"] == 0
+
+    cache = TextCache(tmp_path / "cache")
+    assert cache.validate() == []
+    enc = TextEncoder.load(path, dtype="float32")
+    for tar in shards:
+        table = cache.read_shard(tar.stem)
+        want = expected_rows(tar)
+        assert list(zip(table["key"].to_pylist(), table["field"].to_pylist(), strict=True)) == [w[:2] for w in want]
+        ref = enc.encode([w[2] for w in want])
+        got = embedding_matrix(table)
+        assert np.all((got * ref).sum(1) >= 0.9999)
+        assert table["n_tokens"].to_pylist() == [len(x) for x in enc.captions([w[2] for w in want]).ids]
+    m = cache.settings
+    assert m["dim"] == enc.dim and m["bidirectional"] is True and m["is_decoder"] == (model == "tiny_llama")
+
+
+def test_planted_bad_inputs_are_counted_exactly(ray_local, tmp_path, minilm_path):
+    good = caption_shards(tmp_path / "src", n_shards=1, per_shard=4)[0]
+    bad = write_tar(tmp_path / "src" / "bad.tar", [
+        {"__key__": "b0", "txt": "fine caption", "json": {"long_caption": "fine long caption"}},
+        {"__key__": "b1", "txt": "", "json": {"long_caption": 7}},
+        {"__key__": "b2", "txt": b"\xc3\x28", "json": {"other": "x"}},
+        {"__key__": "b0", "txt": "duplicate", "json": {"long_caption": "duplicate"}},
+    ])  # fmt: skip
+    broken = tmp_path / "src" / "broken.tar"
+    broken.write_bytes(b"\x00not a tar at all" * 100)
+    s = embed([good, bad, broken], tmp_path / "cache", model=str(minilm_path))
+    assert s["shards_written"] == 2 and s["shards_failed"] == ["broken"]
+    assert s["rejected_by_reason_this_run"] == {
+        "empty": 1, "not_string": 1, "invalid_utf8": 1, "missing_field": 1, "duplicate_key": 1, "unreadable_shard": 1,
+    }  # fmt: skip
+    lines = [json.loads(x) for x in (tmp_path / "cache" / "rejected.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and {r["shard"] for r in lines} == {"bad", "broken"}
+    cache = TextCache(tmp_path / "cache")
+    assert cache.read_shard("bad")["key"].to_pylist() == ["b0", "b0"]
+    assert len(cache) == 4 * 2 + 2  # nothing else lost, nothing added
+    with pytest.raises(CacheError, match="--strict"):
+        embed([bad], tmp_path / "strict", model=str(minilm_path), strict=True)
+
+
+def test_rerun_skips_done_shards_and_refuses_other_settings(ray_local, tmp_path, minilm_path, tiny_llama):
+    shards = caption_shards(tmp_path / "src", n_shards=3, per_shard=3)
+    out = tmp_path / "cache"
+    embed(shards[:2], out, model=str(minilm_path))
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    s = embed(shards, out, model=str(minilm_path))
+    assert s["shards_skipped"] == 2 and s["shards_written"] == 1
+    assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in before.items())
+    with pytest.raises(CacheError, match="model_fingerprint"):
+        embed(shards, out, model=str(tiny_llama))
+    with pytest.raises(CacheError, match="pooling"):
+        embed(shards, out, model=str(minilm_path), pooling="cls")
+    s = embed(shards, out, model=str(tiny_llama), overwrite=True)
+    assert s["shards_written"] == 3 and TextCache(out).dim == 64
+
+
+def test_cli_embed_and_cache_info_detects_tampering(ray_local, tmp_path, capsys):
+    shards = caption_shards(tmp_path / "src", n_shards=2, per_shard=2)
+    src = str(tmp_path / "src" / "shard-{000..001}.tar")
+    assert main(["embed-captions", src, "--out", str(tmp_path / "c"), "--model", "minilm",
+                 "-f", "txt", "-f", "json:long_caption", "--no-progress"]) == 0  # fmt: skip
+    assert main(["cache-info", str(tmp_path / "c")]) == 0
+    assert "all shards valid" in capsys.readouterr().out
+    f = tmp_path / "c" / f"{shards[0].stem}.parquet"
+    t = pq.read_table(f)
+    pq.write_table(t.slice(0, 1), f)
+    assert main(["cache-info", str(tmp_path / "c")]) == 1
+
+
+@pytest.mark.slow
+def test_kill_9_mid_job_then_rerun_equals_uninterrupted(ray_local, tmp_path, minilm_path):
+    shards = caption_shards(tmp_path / "src", n_shards=5, per_shard=150)
+    ref = tmp_path / "ref"
+    embed(shards, ref, model=str(minilm_path))
+
+    out = tmp_path / "crashed"
+    cmd = [sys.executable, "-m", "l2c.cli", "embed-captions", *map(str, shards), "--out", str(out),
+           "--model", str(minilm_path), "-f", "txt", "-f", "json:long_caption", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            m = out / "manifest.json"
+            if m.exists() and 1 <= len(json.loads(m.read_text())["shards"]) < 5:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # driver and its local Ray, as a machine crash would
+        proc.wait()
+    n_done = len(json.loads((out / "manifest.json").read_text())["shards"])
+    assert 1 <= n_done < 5
+    s = embed(shards, out, model=str(minilm_path))
+    assert s["shards_skipped"] == n_done and s["shards_written"] == 5 - n_done
+    a, b = TextCache(ref), TextCache(out)
+    assert a.manifest.to_dict()["shards"] == b.manifest.to_dict()["shards"]  # same files, rows and sha256
+    assert not list(out.glob(".tmp-*"))
