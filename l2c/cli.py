@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "l2c.trainer.commands",  # make-demo-data, make-shards, train-vision
     "l2c.trainer.text_commands",  # finetune-text
     "l2c.eval.commands",  # eval-retrieval, eval-cra, eval-zeroshot
+    "l2c.submit",  # submit (Ray Job Submission)
 )
 
 for _name in COMMAND_MODULES:

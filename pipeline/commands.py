@@ -29,7 +29,7 @@ def embed_captions(
     lora: Annotated[str | None, typer.Option(help="peft LoRA adapter dir, merged at load")] = None,
     bidirectional: Annotated[bool | None, typer.Option("--bidirectional/--causal", help="decoders: attention mode (default bidirectional)")] = None,
     batch_tokens: Annotated[int, typer.Option(help="padded tokens per batch")] = 16384,
-    max_batch_size: Annotated[int, typer.Option(help="captions per batch at most")] = 512,
+    max_batch_size: Annotated[int | None, typer.Option(help="captions per batch at most (default 512 on GPU, 64 on CPU)")] = None,
     num_actors: Annotated[int | None, typer.Option(help="encoder actors (default: one per GPU, else 1)")] = None,
     cpus_per_actor: Annotated[float | None, typer.Option(help="CPUs reserved per encoder actor")] = None,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per encoder actor (0 forces CPU)")] = None,

@@ -44,7 +44,7 @@ class EmbedConfig:
     lora: str | None = None
     bidirectional: bool | None = None
     batch_tokens: int = 16384
-    max_batch_size: int = 512
+    max_batch_size: int | None = None  # default: 512 on GPU, 64 on CPU (where padding is pure cost)
     num_actors: int | None = None
     cpus_per_actor: float | None = None
     gpus_per_actor: float | None = None
@@ -54,8 +54,9 @@ class EmbedConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        from l2c.cache import STORE_DTYPES
         from l2c.pipeline.encoder import DTYPES, POOLINGS
+
+        from l2c.cache import STORE_DTYPES
 
         if self.engine not in ("hf", "vllm"):
             raise ValueError(f"--engine must be hf or vllm, got {self.engine!r}")
@@ -67,6 +68,8 @@ class EmbedConfig:
             raise ValueError(f"--store-dtype must be one of {sorted(STORE_DTYPES)}")
         if not self.text_fields:
             raise ValueError("at least one --text-field is needed")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ValueError("--max-batch-size must be positive")
         if self.max_length < 4 or self.batch_tokens < self.max_length:
             raise ValueError("need max_length >= 4 and batch_tokens >= max_length")
 
@@ -76,9 +79,8 @@ class ReadTokenize:
     """Ray Data actor: one source shard in, its accepted captions as token ids (plus rejects) out."""
 
     def __init__(self, model_path: str, text_fields, key_field, max_length, instruction):
-        from transformers import AutoTokenizer
-
         from l2c.pipeline.encoder import CaptionTokenizer
+        from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_path)
         self.captions = CaptionTokenizer(tok, max_length, instruction)
@@ -112,17 +114,11 @@ class EncodeShard:
         import torch
         import transformers
 
-        from l2c.pipeline.encoder import TextEncoder
-
         transformers.utils.logging.disable_progress_bar()
         if threads:
             torch.set_num_threads(int(threads))
         self.spec = spec
-        self.encoder = TextEncoder.load(
-            spec["model_path"], pooling=spec["pooling"], normalize=spec["normalize"],
-            max_length=spec["max_length"], dtype=spec["dtype"], instruction=spec["instruction"],
-            bidirectional=spec["bidirectional"], lora=spec["lora"],
-        )  # fmt: skip
+        self.encoder = make_encoder(spec)
 
     def __call__(self, batch: dict) -> dict:
         from l2c.pipeline.encoder import Tokenized
@@ -142,6 +138,20 @@ class EncodeShard:
             out["shard"].append(shard)
             out["payload"].append(pickle.dumps(p, protocol=5))
         return out
+
+
+def make_encoder(spec: dict):
+    """The engine behind the encode stage; each offers `encode_tokenized(tok, batch_tokens, max_batch_size, stats)`."""
+    if spec.get("engine", "hf") == "vllm":
+        from l2c.pipeline.vllm_engine import VllmEncoder
+
+        return VllmEncoder(spec)
+    from l2c.pipeline.encoder import TextEncoder
+
+    return TextEncoder.load(
+        spec["model_path"], pooling=spec["pooling"], normalize=spec["normalize"], max_length=spec["max_length"],
+        dtype=spec["dtype"], instruction=spec["instruction"], bidirectional=spec["bidirectional"], lora=spec["lora"],
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- stage 3: write
@@ -187,10 +197,10 @@ def _reason_counts(rejects: list[dict]) -> dict[str, int]:
 # ---------------------------------------------------------------- driver
 def resolve_settings(cfg: EmbedConfig, gpus_available: bool) -> tuple[dict, dict]:
     """(settings recorded in the manifest, spec the actors load the model with)."""
+    from l2c.pipeline.encoder import is_decoder_config, read_encoder_settings, resolve_dtype
     from transformers import AutoConfig
 
     from l2c.models import fingerprint, resolve_model
-    from l2c.pipeline.encoder import is_decoder_config, read_encoder_settings, resolve_dtype
 
     path = resolve_model(cfg.model)
     saved = read_encoder_settings(path)
@@ -218,7 +228,7 @@ def resolve_settings(cfg: EmbedConfig, gpus_available: bool) -> tuple[dict, dict
         "dim": int(mcfg.hidden_size),
     }
     spec = {k: settings[k] for k in ("model_path", "pooling", "normalize", "max_length", "dtype", "instruction",
-                                     "lora", "store_dtype")}  # fmt: skip
+                                     "lora", "store_dtype", "engine", "dim")}  # fmt: skip
     spec.update(bidirectional=bidirectional, batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size)
     return settings, spec
 
@@ -258,13 +268,16 @@ def assemble_rejects(out: Path, shards: list[str]) -> int:
 def run_embed(cfg: EmbedConfig) -> dict:
     """Embed every (key, field) caption of the sources into the cache at `cfg.out`; returns a summary."""
     import ray
-
     from l2c.pipeline.sources import expand_sources, shard_names
+
     from l2c.ray_utils import init_ray
 
     cfg.validate()
     if cfg.engine == "vllm":
-        raise NotImplementedError("the vllm engine is not available in this version; use --engine hf")
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise RuntimeError("--engine vllm needs vLLM: pip install 'l2c[vllm]' (or `make install-vllm` on CPU)")
     sources = expand_sources(cfg.sources)
     if not sources:
         raise ValueError("no sources given")
@@ -297,7 +310,6 @@ def run_embed(cfg: EmbedConfig) -> dict:
 
 def _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out) -> list[dict]:
     import ray
-
     from l2c.pipeline.progress import ShardProgress
 
     on_gpu = gpus > 0 and cfg.gpus_per_actor != 0
@@ -306,6 +318,7 @@ def _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out) -
     cpus_per = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else (1 if on_gpu else max(1.0, cpus - 1))
     threads = None if on_gpu else max(1, int(cpus / n_actors))
     n_readers = max(1, min(len(todo), 4 if on_gpu else 1, int(cpus // 2) or 1))
+    spec = {**spec, "max_batch_size": cfg.max_batch_size or (512 if on_gpu else 64)}
 
     ds = ray.data.from_items(
         [{"shard": names[s], "source": s} for s in todo], override_num_blocks=len(todo)
