@@ -1,0 +1,59 @@
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from l2c.cache import CacheError, Manifest, ShardEntry, TextCache, arrow_schema, build_table, write_shard_file
+
+
+def make_cache(d, store_dtype="float16", rows=5, dim=8):
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((rows, dim)).astype(np.float32)
+    keys = [f"k{i // 2}" for i in range(rows)]
+    fields = ["txt" if i % 2 == 0 else "json:long_caption" for i in range(rows)]
+    table = build_table(keys, fields, emb, np.arange(rows) + 3, np.zeros(rows, bool), store_dtype)
+    n, digest = write_shard_file(d / "s0.parquet", table)
+    m = Manifest(settings={"dim": dim, "store_dtype": store_dtype, "fields": ["txt", "json:long_caption"],
+                           "model_fingerprint": "abc"},
+                 shards={"s0": ShardEntry(file="s0.parquet", source="/x/s0.tar", rows=n, sha256=digest)})  # fmt: skip
+    m.save(d)
+    return emb, keys, fields
+
+
+@pytest.mark.parametrize("store_dtype", ["float16", "float32"])
+def test_roundtrip_schema_and_values(tmp_path, store_dtype):
+    emb, keys, fields = make_cache(tmp_path, store_dtype)
+    assert pq.read_schema(tmp_path / "s0.parquet").equals(arrow_schema(8, store_dtype), check_metadata=False)
+    c = TextCache(tmp_path)
+    k, f, v = c.load()
+    assert (k, f) == (keys, fields) and len(c) == 5 and c.dim == 8
+    np.testing.assert_allclose(v, emb, rtol=1e-3 if store_dtype == "float16" else 0, atol=1e-3 if store_dtype == "float16" else 0)
+    k2, f2, v2 = c.load(fields=["txt"])
+    assert f2 == ["txt"] * 3 and np.array_equal(v2, v[[0, 2, 4]])
+    assert c.shard_for_source("/x/s0.tar") == "s0" and c.validate() == []
+
+
+def test_validate_catches_a_changed_file_and_missing_file(tmp_path):
+    make_cache(tmp_path)
+    t = pq.read_table(tmp_path / "s0.parquet")
+    pq.write_table(t.slice(1), tmp_path / "s0.parquet")
+    assert "sha256" in TextCache(tmp_path).validate()[0]
+    (tmp_path / "s0.parquet").unlink()
+    assert "missing" in TextCache(tmp_path).validate()[0]
+
+
+def test_manifest_refuses_foreign_or_newer_formats(tmp_path):
+    with pytest.raises(CacheError, match="no manifest.json"):
+        TextCache(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(CacheError, match="not an l2c text cache"):
+        TextCache(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "l2c-text-cache", "format_version": 99, "settings": {}}))
+    with pytest.raises(CacheError, match="newer"):
+        TextCache(tmp_path)
+
+
+def test_rows_must_agree():
+    with pytest.raises(CacheError, match="rows disagree"):
+        build_table(["a"], ["txt", "txt"], np.zeros((1, 4)), [1], [False])
