@@ -15,10 +15,9 @@ BACKEND_HELP = (
 @contextmanager
 def _clear_errors():
     """Input problems end the command with their message, not a traceback."""
+    from l2c.cache import CacheError
     from l2c.eval.errors import EvalError
     from l2c.eval.search import SearchError
-
-    from l2c.cache import CacheError
 
     try:
         yield

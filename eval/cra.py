@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from l2c.eval import search
-from l2c.eval.errors import EvalError
 
 from l2c.cache import TextCache
+from l2c.eval import search
+from l2c.eval.errors import EvalError
 
 
 def _check_unique(keys: list[str], what: str) -> None:

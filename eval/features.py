@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from l2c.eval.errors import EvalError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from l2c.eval.errors import EvalError
 
 from l2c.cache import TextCache
+from l2c.eval.errors import EvalError
 
 
 def resolve_device(device: str = "auto") -> str:

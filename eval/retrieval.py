@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from l2c.eval import search
 from l2c.eval.errors import EvalError
 from l2c.eval.recall import first_hit_ranks, recall_at, recall_curve
@@ -158,11 +159,10 @@ def run_retrieval(
     allow_missing: bool = False,
 ) -> dict:
     """`l2c eval-retrieval`: image features from shards, caption features from the cache, recall both ways."""
+    from l2c.cache import TextCache
     from l2c.eval import report
     from l2c.eval.features import count_samples, expand_shards, extract_image_features
     from l2c.eval.model import adapt_texts, check_cache_fits_model, load_model, resolve_device
-
-    from l2c.cache import TextCache
 
     device = resolve_device(device)
     backend_name = search.resolve_backend(backend)

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
 from l2c.eval.errors import EvalError
 from l2c.eval.search import l2_normalize
 
@@ -57,9 +58,8 @@ def load_templates(path: str | Path | None) -> list[str]:
 
 def load_text_encoder(meta: dict, text_model: str | Path | None = None, device: str | None = None):
     """The encoder that made the model's text cache, with the same settings; its fingerprint is checked."""
-    from l2c.pipeline.encoder import TextEncoder
-
     from l2c.models import fingerprint, resolve_model
+    from l2c.pipeline.encoder import TextEncoder
 
     s = meta.get("text_encoder") or {}
     if not s.get("model") and not text_model:

@@ -20,9 +20,16 @@ def _register_demo_data(app) -> None:
         max_objects: int = typer.Option(3, "--max-objects", help="Most shapes per scene (at most 4)."),
         image_format: str = typer.Option("jpg", "--format", help="Image member: jpg or png."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace data made with other settings."),
+        preview: bool = typer.Option(False, "--preview", help="Also write OUT/preview.png, a grid of samples."),
     ) -> None:
         """Generate procedural scenes (coloured shapes) with short and dense captions as webdataset shards."""
-        from l2c.trainer.demo_data import DemoDataConfig, DemoDataError, make_demo_data, print_summary
+        from l2c.trainer.demo_data import (
+            DemoDataConfig,
+            DemoDataError,
+            contact_sheet,
+            make_demo_data,
+            print_summary,
+        )
 
         cfg = DemoDataConfig(n=n, val_n=val_n, image_size=image_size, shard_size=shard_size, seed=seed,
                              min_objects=min_objects, max_objects=max_objects, image_format=image_format)
@@ -31,6 +38,8 @@ def _register_demo_data(app) -> None:
         except DemoDataError as e:
             raise typer.BadParameter(str(e)) from e
         print_summary(info, out)
+        if preview:
+            typer.echo(f"preview: {contact_sheet(out, out / 'preview.png')}")
 
 
 def _register_make_shards(app) -> None:

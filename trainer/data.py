@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
 from l2c.trainer.pairing import IMAGE_EXTS, Pairing
 from l2c.trainer.transforms import decode_image, train_transform
 from l2c.trainer.vision import ImageSpec
-from torch.utils.data import IterableDataset, get_worker_info
 
 SKIP_KINDS = (
     "missing_vector",

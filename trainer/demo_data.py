@@ -15,6 +15,7 @@ Output layout (see docs/demo-data.md)::
     OUT/train/shard-000000.tar ...   keys train-00000000 ...
     OUT/val/shard-000000.tar ...     keys val-00000000 ... (held out: its own random stream)
     OUT/classes.txt                  one class name per line
+    OUT/templates.txt                zero-shot prompt templates ({} = class name), one per line
     OUT/info.json                    settings, counts, shards; written last, it marks the output complete
 
 Every sample is drawn from its own generator seeded by (seed, split, index), so the data is deterministic
@@ -26,16 +27,17 @@ from __future__ import annotations
 import io
 import json
 import math
+import textwrap
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from l2c.trainer.shard_writer import AtomicShardWriter, encode_sample, list_shards, progress_bar
 from PIL import Image, ImageDraw
 
 from l2c import atomic
+from l2c.trainer.shard_writer import AtomicShardWriter, encode_sample, list_shards, progress_bar
 
 FORMAT_NAME = "l2c-demo-data"
 FORMAT_VERSION = 1
@@ -76,6 +78,8 @@ POSITION_PHRASES = {
     "bottom": "at the bottom",
     "bottom right": "in the bottom right",
 }
+# Zero-shot prompts in the captions' own style ("a red circle and a blue star"); the label is the large object.
+TEMPLATES = ("a {}.", "a large {}.", "a picture of a large {}.")
 RELATION_MARGIN = 0.08  # centres closer than this (fraction of the side) get no left/right/above/below
 
 
@@ -391,6 +395,7 @@ def make_demo_data(out: str | Path, cfg: DemoDataConfig | None = None, overwrite
             splits["val"] = write_split(out, "val", cfg.val_n, cfg, progress)
     seconds = time.perf_counter() - t0
     atomic.write_text(out / "classes.txt", "".join(f"{k}\n" for k in KINDS))
+    atomic.write_text(out / "templates.txt", "".join(f"{t}\n" for t in TEMPLATES))
     info = {
         "params": _params(cfg),
         "classes": list(KINDS),
@@ -422,3 +427,34 @@ def print_summary(info: dict, out: str | Path, console=None) -> None:
         f"{info['images_per_second']:,.0f} images/s; written to {out}",
         soft_wrap=True,
     )
+
+
+def contact_sheet(out: str | Path, path: str | Path, split: str = "train", n: int = 12, cols: int = 4) -> Path:
+    """A PNG grid of the first `n` images of a split with their short captions and labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import webdataset as wds
+
+    samples = []
+    for s in wds.WebDataset([str(p) for p in list_shards(Path(out) / split)], shardshuffle=False):
+        samples.append(s)
+        if len(samples) == n:
+            break
+    rows = math.ceil(len(samples) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, s in zip(axes.flat, samples, strict=False):
+        ext = "jpg" if "jpg" in s else "png"
+        meta = json.loads(s["json"])
+        ax.imshow(Image.open(io.BytesIO(s[ext])).convert("RGB"), interpolation="nearest")
+        ax.set_title(f"{textwrap.fill(s['txt'].decode(), 28)}\n[label: {meta['label']}]", fontsize=7.5)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path

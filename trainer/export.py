@@ -19,11 +19,11 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from l2c import atomic
 from l2c.trainer.model import L2CModel
 from l2c.trainer.transforms import eval_transform
 from l2c.trainer.vision import ImageSpec
-
-from l2c import atomic
 
 FORMAT = "l2c-model"
 VERSION = 1

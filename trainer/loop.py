@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from l2c import atomic
+from l2c.cache import CacheError, TextCache
+from l2c.config import dump_config, to_dict
 from l2c.trainer import distributed as D
 from l2c.trainer.checkpoint import (
     latest_checkpoint,
@@ -29,11 +34,6 @@ from l2c.trainer.optim import make_optimizer, make_scheduler
 from l2c.trainer.pairing import plan_pairing, used_fields
 from l2c.trainer.plots import plot_metrics, read_metrics
 from l2c.trainer.vision import build_vision_tower, freeze_first_blocks
-from torch import nn
-
-from l2c import atomic
-from l2c.cache import CacheError, TextCache
-from l2c.config import dump_config, to_dict
 
 MAX_EXAMPLES = 20
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from l2c.trainer.distributed import gather_no_grad, gather_with_grad, rank
 from torch import nn
+
+from l2c.trainer.distributed import gather_no_grad, gather_with_grad, rank
 
 
 class ClipLoss(nn.Module):

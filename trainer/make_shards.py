@@ -29,10 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from l2c.trainer.shard_writer import AtomicShardWriter, encode_sample, list_shards, progress_bar, shard_name
 from PIL import Image
 
 from l2c import atomic
+from l2c.trainer.shard_writer import AtomicShardWriter, encode_sample, list_shards, progress_bar, shard_name
 
 FORMAT_NAME = "l2c-shards"
 FORMAT_VERSION = 1

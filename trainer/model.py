@@ -6,9 +6,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from l2c.trainer.adapter import TextAdapter
 from l2c.trainer.vision import ImageSpec, pooled_output, tower_width
-from torch import nn
 
 
 class L2CModel(nn.Module):

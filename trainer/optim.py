@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
+
 from l2c.trainer.config import OptimConfig
 from l2c.trainer.vision import block_index_of
-from torch import nn
 
 
 def no_decay(name: str, p: torch.Tensor) -> bool:

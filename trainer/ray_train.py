@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from l2c.trainer.config import TrainConfig
-
 from l2c.ray_utils import init_ray
+from l2c.trainer.config import TrainConfig
 
 
 def _worker_loop(args: dict) -> None:
     import ray.train
     import ray.train.torch
+
     from l2c.trainer.loop import train
 
     device = ray.train.torch.get_device()

@@ -103,10 +103,13 @@ def finetune_text_command(
     console.print(result_table(result, out))
     if result.get("already_finished"):
         console.print(f"[yellow]{out} already holds a finished run of {result['total_steps']} steps[/]")
+    if not result.get("complete"):
+        console.print(
+            f"[yellow]stopped ({result['stopped_by']}) at step {result['steps']} of {result['total_steps']}; "
+            "rerun the same command to resume[/]"
+        )
     if result.get("finished"):
         console.print(f"model: {result['model']}  (load with --model {result['model']})")
-    else:
-        console.print(f"[yellow]stopped at step {result['steps']} of {result['total_steps']}; rerun to resume[/]")
     console.print(f"loss {result['first_loss']} → {result['final_loss']}; plots: {result['plots']}")
 
 

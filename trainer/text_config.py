@@ -125,7 +125,6 @@ class EvalConfig:
     captions: list[str] = field(default_factory=list)  # captions files (set by --eval-captions)
     every: int = 100  # steps between evaluations (also at step 0 and at the end)
     max_images: int = 1000  # images per file during training (0: all); the final evaluation uses all
-    batch_size: int = 128
 
 
 @dataclass

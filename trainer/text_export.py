@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import torch
+
 from l2c.pipeline.encoder import save_encoder_settings
 
 

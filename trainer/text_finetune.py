@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from l2c.trainer.text_config import RESUME_LOCKED, FinetuneTextConfig
 
 from l2c import atomic
 from l2c.config import ConfigError, dump_config, from_dict, to_dict
+from l2c.trainer.text_config import RESUME_LOCKED, FinetuneTextConfig
 
 STAGES = ("mntp", "contrastive")
 CKPT_DIR = "checkpoints"
@@ -47,15 +47,6 @@ def world() -> tuple[int, int]:
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()
-
-
-def broadcast_flag(flag: bool) -> bool:
-    """Rank 0's decision, on every rank (so all stop at the same step)."""
-    if world()[1] == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0])
-    dist.broadcast(t, 0)
-    return bool(t.item())
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -272,13 +263,22 @@ class Run:
     started: float
     deadline: float | None
     on_step: Callable[[dict], None] | None = None
-    stopped: bool = False
+    last_step: int = 0  # the contrastive stage's last step done
+    stopped_by: str = ""  # "max_minutes" (the model is still exported) or "stop_after_steps" (not)
     info: dict = field(default_factory=dict)
 
-    def out_of_time(self, stage: str, step: int) -> bool:
-        stop = self.deadline is not None and time.monotonic() > self.deadline
-        stop |= stage == "contrastive" and 0 < self.cfg.train.stop_after_steps <= step
-        return broadcast_flag(stop)
+    def should_stop(self, stage: str, step: int) -> str:
+        """Why to stop after this step ("" to go on); rank 0 decides for all."""
+        reason = 0
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            reason = 1
+        elif stage == "contrastive" and 0 < self.cfg.train.stop_after_steps <= step:
+            reason = 2
+        if world()[1] > 1:
+            t = torch.tensor([reason])
+            dist.broadcast(t, 0)
+            reason = int(t.item())
+        return ("", "max_minutes", "stop_after_steps")[reason]
 
 
 def run_stage(
@@ -322,15 +322,16 @@ def run_stage(
             **extra,
         }
         run.log.write(rec)
+        run.last_step = step
         if run.on_step is not None:
             run.on_step(rec)
         if after_step is not None:
             after_step(step)
-        stop = step < total and run.out_of_time(stage, step)
+        stop = run.should_stop(stage, step) if step < total else ""
         if step % t.ckpt_every == 0 or step == total or stop:
             save_checkpoint(run.out, stage, step, model, opt, sched, {"total": total}, t.keep_last)
         if stop:
-            run.stopped = True
+            run.stopped_by = stop
             return False
         last = time.monotonic()  # evaluation and checkpoint time stay out of the step time
     return True
@@ -338,9 +339,8 @@ def run_stage(
 
 def run_mntp(run: Run, model, tokenizer, info: dict, sentences: list[str], resume_from: Checkpoint | None):
     """MNTP stage; returns the model with the stage's training merged in, or None if stopped early."""
-    from l2c.trainer.text_mntp import MntpBatcher, load_lm_head, mntp_loss
-
     from l2c.models import resolve_model
+    from l2c.trainer.text_mntp import MntpBatcher, load_lm_head, mntp_loss
 
     cfg = run.cfg
     stage_dir = run.out / "adapters" / "mntp"
@@ -401,11 +401,14 @@ def restore_mntp(run: Run, model):
 
 def train_worker(job: dict) -> None:
     """The whole run on one worker (rank 0 writes files). `job`: cfg (dict), out, resume, progress."""
+    from transformers.utils import logging as hf_logging
+
     from l2c.pipeline.encoder import TextEncoder, load_text_model
     from l2c.trainer.text_data import PairSampler, load_caption_groups, load_sentences
     from l2c.trainer.text_eval import load_cra_set
     from l2c.trainer.text_loss import info_nce, pair_accuracy
 
+    hf_logging.disable_progress_bar()
     cfg = from_dict(FinetuneTextConfig, job["cfg"])
     out = Path(job["out"])
     rank, n_workers = world()
@@ -439,7 +442,7 @@ def train_worker(job: dict) -> None:
         model = run_mntp(run, model, tokenizer, info, mntp_text, resume_from)
         if model is None:
             if rank == 0:
-                write_summary(out, cfg, False, 0)
+                write_summary(out, cfg, False, 0, run.stopped_by)
             return
 
     sampler = PairSampler(groups, cfg.train.batch_size, seed, cfg.data.text_ratio, sentences)
@@ -494,29 +497,29 @@ def train_worker(job: dict) -> None:
 
     current = {"model": model}
     resume = resume_from if resume_from is not None and resume_from.stage == "contrastive" else None
-    if resume is not None and resume.step >= total:
-        finished = True
-    else:
-        finished = run_stage(run, "contrastive", model, total, cfg.train.lr, step_loss, resume, after_step)
+    run.last_step = resume.step if resume is not None else 0
+    if resume is None or resume.step < total:
+        run_stage(run, "contrastive", model, total, cfg.train.lr, step_loss, resume, after_step)
+    finished = run.stopped_by in ("", "max_minutes")  # a time bound ends the run with a model
     if rank == 0:
         if finished:
             from l2c.trainer.text_export import export_text_model
 
             settings.update(bidirectional=info["bidirectional"], is_decoder=info["is_decoder"],
-                            base_model=str(cfg.model.path), finetuned_steps=total,
+                            base_model=str(cfg.model.path), finetuned_steps=run.last_step,
                             mntp=cfg.mntp.enabled, lora=cfg.lora.enabled)  # fmt: skip
             merged = export_text_model(model, tokenizer, out / "model", settings, out / "adapter")
             if cfg.eval.max_images:
-                evaluate(merged, total, full=False)
-            evaluate(merged, total, full=True)
-        write_summary(out, cfg, finished, total)
+                evaluate(merged, run.last_step, full=False)
+            evaluate(merged, run.last_step, full=True)
+        write_summary(out, cfg, finished, total, run.stopped_by)
     barrier()
 
 
 # ---------------------------------------------------------------- summary and driver
 
 
-def write_summary(out: Path, cfg: FinetuneTextConfig, finished: bool, total: int) -> dict:
+def write_summary(out: Path, cfg: FinetuneTextConfig, finished: bool, total: int, stopped_by: str = "") -> dict:
     """result.json and the PNG curves from metrics.jsonl (so they agree across resumes)."""
     from l2c.trainer.text_plots import plot_cra, plot_loss
 
@@ -530,9 +533,12 @@ def write_summary(out: Path, cfg: FinetuneTextConfig, finished: bool, total: int
             entry = cra.setdefault(r["set"], {})
             entry.setdefault("before", {k: r[k] for k in ("step", "cra_top1", "cra_top5", "n")})
             entry["after"] = {k: r[k] for k in ("step", "cra_top1", "cra_top5", "n")}
+    steps = train[-1]["step"] if train else 0
     result = {
-        "finished": finished,
-        "steps": train[-1]["step"] if train else 0,
+        "finished": finished,  # the model was exported
+        "complete": finished and steps >= total,  # ... after the whole schedule
+        "stopped_by": stopped_by,
+        "steps": steps,
         "total_steps": total,
         "mntp_steps": mntp[-1]["step"] if mntp else 0,
         "first_loss": train[0]["loss"] if train else None,
@@ -591,7 +597,7 @@ def finetune_text(
     done = out / DONE
     if done.exists() and not overwrite and resume is not False:
         result = json.loads(done.read_text())
-        if result.get("finished") and cfg.train.max_steps in (0, result["total_steps"]):
+        if result.get("complete") and cfg.train.max_steps in (0, result["total_steps"]):
             return {**result, "already_finished": True}
     if overwrite and out.exists():
         for name in (CKPT_DIR, "adapters", "adapter", "model", "metrics.jsonl", DONE, "progress.json"):

@@ -22,9 +22,8 @@ def run_train_vision(
     progress: bool = True,
 ) -> dict:
     """The function behind the command: in-process when `workers` is 0, else a Ray Train job."""
-    from l2c.trainer.config import TrainConfig
-
     from l2c.config import load_config
+    from l2c.trainer.config import TrainConfig
 
     cfg = load_config(TrainConfig, config, overrides)
     images = images[0] if len(images) == 1 else list(images)
@@ -105,10 +104,9 @@ def register_train_vision(app) -> None:
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
         """Train a vision encoder against cached LLM text vectors (LLM2CLIP); exports RUN_DIR/export."""
-        from l2c.trainer.loop import ResumeError
-
         from l2c.cache import CacheError
         from l2c.config import ConfigError
+        from l2c.trainer.loop import ResumeError
 
         try:
             summary = run_train_vision(

@@ -8,8 +8,9 @@ import random
 
 import numpy as np
 import torch
-from l2c.trainer.vision import ImageSpec
 from PIL import Image
+
+from l2c.trainer.vision import ImageSpec
 
 RESAMPLE = Image.Resampling.BICUBIC
 

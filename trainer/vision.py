@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from l2c.trainer.config import VisionConfig
 from torch import nn
+
+from l2c.trainer.config import VisionConfig
 
 # Full two-tower checkpoints whose vision half we take.
 _VISION_CLASSES = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel", "siglip2": "Siglip2VisionModel"}

@@ -85,6 +85,7 @@ def export_tiny_model(
 ) -> Path:
     """A real exported model (random tiny ViT + adapter) under `run_dir/export`, trained on a cache with `settings`."""
     import torch
+
     from l2c.trainer.config import VisionConfig
     from l2c.trainer.export import export_model
     from l2c.trainer.model import L2CModel
@@ -101,6 +102,7 @@ def features_by_hand(export_dir: Path, shard_paths: list[Path]):
     import tarfile
 
     import torch
+
     from l2c.trainer.export import load_exported
 
     m = load_exported(export_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from l2c.eval.cra import caption_retrieval_accuracy, cra_from_cache
 from l2c.eval.errors import EvalError
 

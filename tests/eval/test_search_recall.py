@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from l2c.eval import search
 from l2c.eval.errors import EvalError
 from l2c.eval.recall import parse_ks, recall_curve

@@ -9,11 +9,11 @@ import pytest
 import torch
 import typer
 from eval_reference import KINDS, export_tiny_model, features_by_hand, write_shards
+
+from l2c.cli import main
 from l2c.eval.errors import EvalError
 from l2c.eval.search import l2_normalize
 from l2c.eval.zeroshot import label_indices, load_templates, zeroshot_metrics
-
-from l2c.cli import main
 
 
 def test_zeroshot_metrics_hand_checked():

@@ -10,6 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
+
+from l2c import atomic
+from l2c.cli import main
 from l2c.trainer import demo_data
 from l2c.trainer.demo_data import (
     BACKGROUNDS,
@@ -21,10 +25,6 @@ from l2c.trainer.demo_data import (
     make_demo_data,
 )
 from l2c.trainer.shard_writer import list_shards
-from PIL import Image
-
-from l2c import atomic
-from l2c.cli import main
 
 SMALL = DemoDataConfig(n=120, val_n=30, shard_size=50, seed=7)
 
@@ -46,6 +46,8 @@ def test_layout_and_counts(small):
     assert [p.name for p in list_shards(small / "val")] == ["shard-000000.tar"]
     assert not list(small.rglob(".tmp-*"))
     assert (small / "classes.txt").read_text().split("\n")[:-1] == list(KINDS)
+    templates = (small / "templates.txt").read_text().splitlines()
+    assert templates and all(t.count("{}") == 1 for t in templates)
     info = json.loads((small / "info.json").read_text())
     assert info["splits"]["train"]["n"] == 120 and info["splits"]["val"]["n"] == 30
     assert sum(info["splits"]["train"]["label_counts"].values()) == 120
@@ -186,8 +188,10 @@ def test_bad_settings_rejected():
 def test_cli_png_and_sizes(tmp_path):
     out = tmp_path / "cli"
     rc = main(["make-demo-data", str(out), "--n", "12", "--val-n", "4", "--image-size", "32",
-               "--shard-size", "5", "--format", "png", "--max-objects", "1", "--seed", "3"])
+               "--shard-size", "5", "--format", "png", "--max-objects", "1", "--seed", "3", "--preview"])
     assert rc == 0
+    preview = Image.open(out / "preview.png")
+    assert preview.format == "PNG" and preview.width > 300
     train = read_split(out / "train")
     assert len(list_shards(out / "train")) == 3 and len(train) == 12
     for s in train:

@@ -3,13 +3,14 @@
 import json
 
 import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
+
 from l2c.trainer.config import VisionConfig
 from l2c.trainer.export import export_model, load_exported
 from l2c.trainer.model import L2CModel
 from l2c.trainer.vision import build_vision_tower
-from PIL import Image
-from train_helpers import TINY_VIT
-from transformers import AutoImageProcessor, AutoModel
+from tests.trainer.train_helpers import TINY_VIT
 
 
 def test_export_round_trip(tmp_path):

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import typer
 import webdataset as wds
-from l2c.trainer import make_shards as ms
-from l2c.trainer.make_shards import MakeShardsConfig, MakeShardsError, make_shards
-from l2c.trainer.shard_writer import list_shards
 from PIL import Image
 
 from l2c import atomic
 from l2c.cli import main
+from l2c.trainer import make_shards as ms
+from l2c.trainer.make_shards import MakeShardsConfig, MakeShardsError, make_shards
+from l2c.trainer.shard_writer import list_shards
 
 N_REAL = 159
 
