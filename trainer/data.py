@@ -155,17 +155,23 @@ class PairedStream(IterableDataset):
                 if kind == "end":  # ("end", {"vector_without_image": n, "misordered": m})
                     counts = {k: v for k, v in item[1].items() if v}
                     if owner and counts:
-                        buf.append(("stat", counts))
+                        item = ("stat", counts)
+                    else:
+                        continue
+                elif every > 1 and pos % every != g:
                     continue
-                if every > 1 and pos % every != g:
+                if not s.shuffle_buffer:  # stream order, stats where they happen
+                    yield item
                     continue
                 buf.append(item)
-                if s.shuffle_buffer and len(buf) >= s.shuffle_buffer:
+                if len(buf) >= s.shuffle_buffer:
                     yield buf.pop(rng.randrange(len(buf)))
-                elif not s.shuffle_buffer:
-                    yield buf.pop()
             if errors and owner:
-                buf.append(("stat", {"shard_error": 1, "_error": f"{url}: {errors[0]}"}))
+                stat = ("stat", {"shard_error": 1, "_error": f"{url}: {errors[0]}"})
+                if s.shuffle_buffer:
+                    buf.append(stat)
+                else:
+                    yield stat
         if s.shuffle_buffer:
             rng.shuffle(buf)
         yield from buf
