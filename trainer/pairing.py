@@ -2,7 +2,8 @@
 
 *Aligned* caches have one Parquet per tar with rows in the tar's key order: each tar is zipped with its
 cache shard and every key is checked. A cache shard whose order differs from its tar is detected
-(`aligned`: an error; `auto`: counted as `misordered` and joined by key for that shard). Otherwise a
+(`aligned`: an error; `auto`: joined by key for that shard, and the keys out of place counted as
+`misordered`). Otherwise a
 *join* index (sorted keys -> rows, vectors as a memory-mapped .npy) is built once and looked up.
 
 `pair_shard` yields, in tar order:
@@ -94,7 +95,7 @@ class Pairing:
     def _pair_aligned(self, url: str, samples: Iterator[dict]) -> Iterator[tuple]:
         name = self.shard_names[url]
         order, where, groups = self._shard_groups(name)
-        j, matched, misordered = 0, set(), 0
+        j, matched, misordered, seq = 0, set(), 0, []
         for sample in samples:
             key = sample["__key__"]
             if j < len(order) and order[j] == key:
@@ -113,7 +114,10 @@ class Pairing:
                 yield ("missing_vector", key)
                 continue
             matched.add(gi)
+            seq.append(gi)
             yield self._item(key, sample, groups[gi])
+        if misordered:  # keys out of place: those outside the longest run already in cache order
+            misordered = len(seq) - longest_increasing(seq)
         yield ("end", {"vector_without_image": len(order) - len(matched), "misordered": misordered})
 
     # -- join -------------------------------------------------------------------------------------
@@ -161,6 +165,17 @@ class Pairing:
         if self.shard_names is not None:
             return self._pair_aligned(url, samples)
         return self._pair_join(url, samples)
+
+
+def longest_increasing(seq: list[int]) -> int:
+    """Length of the longest strictly increasing subsequence (patience sorting)."""
+    import bisect
+
+    tails: list[int] = []
+    for x in seq:
+        i = bisect.bisect_left(tails, x)
+        tails[i : i + 1] = [x]
+    return len(tails)
 
 
 def build_join_index(cache: TextCache, out_dir: str | Path) -> Path:

@@ -70,15 +70,29 @@ def test_learns_class_structure_and_exports(classes, tmp_path):
     assert (run / "curves.png").stat().st_size > 5000 and (run / "config.yaml").exists()
 
     # the export classifies held-out images by their class vector through the adapter
+    acc = held_out_accuracy(run, vecs)
+    assert acc >= 0.6, acc  # chance is 0.25
+    assert load_exported(run).meta["text_cache_fingerprint"] == TextCache(cache).fingerprint
+
+    # the same run on pairs whose text is shuffled across images learns nothing
+    rng = np.random.default_rng(5)
+    keys = sorted(labels)
+    shuffled = dict(zip(keys, rng.permutation([labels[k] for k in keys]).tolist(), strict=True))
+    bad = class_cache_for(tars, shuffled, tmp_path / "shuffled", vecs, fields=("txt", "json:long_caption"), noise=0.05)
+    train(tiny_cfg(), [str(t) for t in tars], bad, tmp_path / "run-shuffled", progress=False)
+    acc_shuffled = held_out_accuracy(tmp_path / "run-shuffled", vecs)
+    assert acc_shuffled <= 0.45 and acc - acc_shuffled >= 0.3, (acc, acc_shuffled)
+
+
+def held_out_accuracy(run: Path, vecs: np.ndarray, n: int = 64) -> float:
+    """Fresh class images (never trained on) matched to the class vectors through the exported model."""
     model = load_exported(run)
     rng = np.random.default_rng(99)
-    truth = [int(c) for c in rng.integers(0, 4, 48)]
+    truth = [int(c) for c in rng.integers(0, len(vecs), n)]
     pixels = torch.stack([model.preprocess(class_image(c, rng)) for c in truth])
     with torch.no_grad():
         pred = (model.encode_image(pixels) @ model.encode_text(torch.from_numpy(vecs)).T).argmax(1)
-    acc = float((pred.numpy() == np.array(truth)).mean())
-    assert acc >= 0.6, acc  # chance is 0.25
-    assert model.meta["text_cache_fingerprint"] == TextCache(cache).fingerprint
+    return float((pred.numpy() == np.array(truth)).mean())
 
 
 def test_caption_fields_sampled_by_weight(classes, tmp_path):
@@ -143,6 +157,36 @@ def test_bad_samples_counted_exactly_never_shifted(tmp_path):
                                  "missing_image": ["s1_002"]}
 
 
+def test_planted_permutation_detected(classes, tmp_path):
+    """A cache shard whose rows are not in its tar's key order: an error when aligned, a counted join in auto."""
+    tars, labels, vecs, _ = classes
+    import pyarrow.parquet as pq
+
+    cache = class_cache_for(tars, labels, tmp_path / "cache", vecs)
+    path = tmp_path / "cache" / "shard-000001.parquet"
+    table = pq.read_table(path)
+    order = list(range(table.num_rows))
+    order[3], order[7] = order[7], order[3]
+    rows = [(table["key"][i].as_py(), "txt", np.asarray(table["embedding"][i].as_py(), np.float32)) for i in order]
+    others = {}
+    for name in ("shard-000000", "shard-000002"):
+        t = pq.read_table(tmp_path / "cache" / f"{name}.parquet")
+        others[name] = [(t["key"][i].as_py(), "txt", np.asarray(t["embedding"][i].as_py(), np.float32))
+                        for i in range(t.num_rows)]
+    sources = {e.file.split(".")[0]: e.source for e in TextCache(cache).manifest.shards.values()}
+    cache = write_cache(tmp_path / "cache", {n: (sources[n], r) for n, r in
+                                             {**others, "shard-000001": rows}.items()}, DIM, ["txt"])
+    images = [str(t) for t in tars]
+    with pytest.raises(CacheError, match="not in the key order"):
+        train(tiny_cfg("data.pairing=aligned", "steps=3"), images, cache, tmp_path / "a", progress=False)
+    n = 3 * 32
+    cfg = tiny_cfg("data.pairing=auto", f"batch_size={n}", "steps=1", "optim.warmup_steps=0",
+                   "data.shuffle_buffer=0")
+    summary = train(cfg, images, cache, tmp_path / "b", progress=False)
+    assert summary["samples_seen"] == n and summary["skips"]["misordered"] == 2  # both swapped keys
+    assert summary["skips"]["missing_vector"] == 0 and summary["skips"]["vector_without_image"] == 0
+
+
 def test_join_pairing_when_cache_is_not_shard_aligned(classes, tmp_path):
     tars, labels, vecs, _ = classes
     keys = sorted(labels)
@@ -186,6 +230,7 @@ def test_resume_after_max_steps_equals_uninterrupted(classes, tmp_path):
     images = [str(t) for t in tars]
     cfg = tiny_cfg("steps=12", "checkpoint_every=4", "data.workers=2")
     full = train(cfg, images, cache, tmp_path / "full", progress=False)
+    assert full["finished"] and full["samples_seen"] == 12 * 16
     part = train(cfg, images, cache, tmp_path / "part", max_steps=5, progress=False)
     assert part["step"] == 5 and not part["finished"] and part["stopped_by"] == "max_steps"
     resumed = train(cfg, images, cache, tmp_path / "part", resume=True, progress=False)
