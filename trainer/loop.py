@@ -201,6 +201,11 @@ def train(
                 f"({ckpt['cache_fingerprint'][:16]}…): the vectors come from another encoder or settings; "
                 "resume with the original cache, or start a new run"
             )
+        if ckpt["config"]["model"] != to_dict(cfg)["model"]:
+            raise ResumeError(
+                f"{ckpt_path} was trained with another model config; resume with the run's own "
+                f"{paths.config.name} (--config {paths.config}), or pick a new --out"
+            )
         if (ckpt["world_size"], ckpt["num_workers"]) != (world, cfg.data.workers):
             raise ResumeError(
                 f"the run was trained with {ckpt['world_size']} rank(s) x {ckpt['num_workers']} data workers; "

@@ -211,6 +211,8 @@ def test_cache_and_resume_refusals(classes, tmp_path):
     train(tiny_cfg("steps=4"), images, cache, tmp_path / "run", max_steps=2, progress=False)
     with pytest.raises(ResumeError, match="--resume"):
         train(tiny_cfg("steps=4"), images, cache, tmp_path / "run", progress=False)
+    with pytest.raises(ResumeError, match="another model config"):
+        train(tiny_cfg("steps=4", "model.embed_dim=32"), images, cache, tmp_path / "run", resume=True, progress=False)
     other = class_cache_for(tars, labels, tmp_path / "other", vecs, fields=("txt", "json:long_caption"))
     from l2c.cache import Manifest
 
