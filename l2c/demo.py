@@ -278,8 +278,12 @@ def print_results(result: dict) -> None:
 
 def headline(section: dict) -> list[tuple[str, float]]:
     """The figures worth a row: recall@K and accuracies, as percentages."""
-    keep = ("recall", "acc", "top1", "top5", "mean_per_class")
-    return [(k, v) for k, v in _numbers(section) if any(w in k.split(".")[-1] for w in keep) and 0 <= v <= 100]
+    rows = []
+    for k, v in _numbers({key: section[key] for key in ("image_to_text", "text_to_image", "per_field", "top1", "top5")
+                          if key in section}):
+        if k.split(".")[-1] in ("R@1", "R@5", "R@10", "top1", "top5"):
+            rows.append((k, v))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
