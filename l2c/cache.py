@@ -38,6 +38,21 @@ class CacheError(ValueError):
     """A cache that is missing, damaged, or does not match what the caller expects."""
 
 
+def local_dir(spec: str | Path) -> Path:
+    """A cache location as a local path: a plain path or a `file://` URL (on a cluster, a shared mount)."""
+    s = str(spec)
+    if s.startswith("file:"):
+        from fsspec.implementations.local import LocalFileSystem
+
+        return Path(LocalFileSystem._strip_protocol(s))
+    if "://" in s:
+        raise CacheError(
+            f"{s}: a cache lives on a filesystem path or a file:// URL (on a cluster: a mount every node sees); "
+            f"{s.split('://', 1)[0]}:// is not supported for caches yet"
+        )
+    return Path(s)
+
+
 def arrow_schema(dim: int, store_dtype: str = "float16") -> pa.Schema:
     if store_dtype not in STORE_DTYPES:
         raise CacheError(f"store dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
@@ -172,7 +187,7 @@ class TextCache:
     """
 
     def __init__(self, directory: str | Path):
-        self.dir = Path(directory)
+        self.dir = local_dir(directory)
         self.manifest = Manifest.load(self.dir)
         self.settings = self.manifest.settings
 

@@ -15,11 +15,11 @@ console = Console()
 
 def embed_captions(
     sources: Annotated[list[str], typer.Argument(help="webdataset .tar shards, .jsonl or .parquet tables; globs and {000..009} ranges")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="cache directory")],
+    out: Annotated[str, typer.Option("--out", "-o", help="cache directory (a path or file:// URL; on a cluster, storage every node mounts)")],
     model: Annotated[str, typer.Option(help="local model dir, hub id, or `minilm` (the packaged all-MiniLM-L6-v2)")] = "minilm",
     text_field: Annotated[list[str], typer.Option("--text-field", "-f", help="repeatable: txt, json:long_caption, captions[0], captions[*]")] = ["txt"],  # noqa: B006
     key_field: Annotated[str, typer.Option(help="key column of table sources (tars use __key__)")] = "key",
-    engine: Annotated[str, typer.Option(help="hf (transformers)")] = "hf",
+    engine: Annotated[str, typer.Option(help="hf (transformers) or vllm (vLLM pooling runner; see pipeline/vllm_engine.py)")] = "hf",
     pooling: Annotated[str | None, typer.Option(help="mean|cls|last (default: the model's recorded setting, else mean)")] = None,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize")] = True,
     max_length: Annotated[int, typer.Option(help="tokens per caption, special tokens and instruction included")] = 512,
@@ -33,6 +33,8 @@ def embed_captions(
     num_actors: Annotated[int | None, typer.Option(help="encoder actors (default: one per GPU, else 1)")] = None,
     cpus_per_actor: Annotated[float | None, typer.Option(help="CPUs reserved per encoder actor")] = None,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per encoder actor (0 forces CPU)")] = None,
+    actor_resources: Annotated[str | None, typer.Option(help='custom Ray resources per encoder actor, JSON: \'{"encode": 1}\'')] = None,
+    read_actors: Annotated[int | None, typer.Option(help="read/tokenize actors (default 4 on GPU, 1 on CPU)")] = None,
     ray_address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="join a Ray cluster (default: local Ray)")] = None,
     overwrite: Annotated[bool, typer.Option(help="discard a cache made with other settings")] = False,
     strict: Annotated[bool, typer.Option(help="any rejected caption is an error")] = False,
@@ -41,12 +43,19 @@ def embed_captions(
     """Embed every (key, field) caption of SOURCES into a Parquet text cache at OUT (resumable)."""
     from l2c.pipeline.embed_job import EmbedConfig, run_embed
 
+    try:
+        resources = json.loads(actor_resources) if actor_resources else None
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"not JSON: {e}", param_hint="--actor-resources") from None
+    if resources is not None and not isinstance(resources, dict):
+        raise typer.BadParameter("expected a JSON object", param_hint="--actor-resources")
     cfg = EmbedConfig(
         sources=list(sources), out=str(out), model=model, text_fields=list(text_field), key_field=key_field,
         engine=engine, pooling=pooling, normalize=normalize, max_length=max_length, dtype=dtype,
         store_dtype=store_dtype, instruction=instruction, lora=lora, bidirectional=bidirectional,
         batch_tokens=batch_tokens, max_batch_size=max_batch_size, num_actors=num_actors,
-        cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, ray_address=ray_address,
+        cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, actor_resources=resources,
+        read_actors=read_actors, ray_address=ray_address,
         overwrite=overwrite, strict=strict, progress=progress,
     )  # fmt: skip
     summary = run_embed(cfg)

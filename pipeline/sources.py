@@ -18,6 +18,7 @@ from pathlib import Path
 
 import braceexpand
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -33,6 +34,8 @@ def expand_sources(specs: list[str]) -> list[str]:
     out: list[str] = []
     for spec in specs:
         for item in braceexpand.braceexpand(str(spec)):
+            if item.startswith("file:"):  # a file:// URL is a local path (recorded as one, so reruns match)
+                item = LocalFileSystem._strip_protocol(item)
             if any(ch in item for ch in "*?["):
                 fs, _, paths = fsspec.get_fs_token_paths(item)
                 matches = sorted(paths)
