@@ -56,6 +56,11 @@ def register(app) -> None:
             help="Evaluate matched pairs when some images have no caption or some captions no image "
             "(they are counted and listed in eval.json) instead of stopping.",
         ),
+        ray_address: str | None = typer.Option(
+            None, "--ray-address", envvar="RAY_ADDRESS",
+            help="Compute image features with Ray tasks on this cluster (default: in this process).",
+        ),
+        use_gpu: bool = typer.Option(False, "--gpu", help="With --ray-address: one GPU per feature task."),
     ) -> None:
         """Image→text and text→image recall@K (CLIP_benchmark protocol) of a trained model."""
         from l2c.eval.recall import parse_ks
@@ -67,7 +72,7 @@ def register(app) -> None:
             raise typer.BadParameter(str(e), param_hint="--k") from e
         with _clear_errors():
             run_retrieval(model, images, text_cache, ks, _split(fields), out, batch_size, device, backend,
-                          allow_missing)  # fmt: skip
+                          allow_missing, ray_address, use_gpu)  # fmt: skip
 
     @app.command("eval-cra")
     def eval_cra_cmd(

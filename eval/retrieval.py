@@ -157,8 +157,13 @@ def run_retrieval(
     device: str = "auto",
     backend: search.Backend = "auto",
     allow_missing: bool = False,
+    ray_address: str | None = None,
+    use_gpu: bool = False,
 ) -> dict:
-    """`l2c eval-retrieval`: image features from shards, caption features from the cache, recall both ways."""
+    """`l2c eval-retrieval`: image features from shards, caption features from the cache, recall both ways.
+
+    With `ray_address` the image features are computed by Ray tasks across the cluster (`eval/ray_features.py`).
+    """
     from l2c.cache import TextCache
     from l2c.eval import report
     from l2c.eval.features import count_samples, expand_shards, extract_image_features
@@ -175,8 +180,14 @@ def run_retrieval(
         raise EvalError(f"field(s) {unknown} are not in the text cache {text_cache} (it has {cache.fields})")
     shards = expand_shards(images)
 
-    with report.progress(f"image features ({len(shards)} shards)", count_samples(shards), "img") as advance:
-        img = extract_image_features(net, shards, batch_size, device, progress=advance)
+    if ray_address:
+        from l2c.eval.ray_features import extract_on_ray
+
+        report.console.print(f"image features: {len(shards)} shard(s) on the Ray cluster at {ray_address}")
+        img = extract_on_ray(model, shards, batch_size, use_gpu, ray_address)
+    else:
+        with report.progress(f"image features ({len(shards)} shards)", count_samples(shards), "img") as advance:
+            img = extract_image_features(net, shards, batch_size, device, progress=advance)
     if img.skipped:
         report.console.print(f"[yellow]{len(img.skipped)} sample(s) skipped: {img.skipped[:3]}")
     text_keys, text_fields, vecs = cache.load(fields)

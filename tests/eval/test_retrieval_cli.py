@@ -105,3 +105,24 @@ def test_eval_retrieval_missing_and_duplicate_keys(setup, make_cache, tmp_path):
         main(
             ["eval-retrieval", "--model", str(root / "run"), "--images", str(dup), "--text-cache", str(cache)]
         )
+
+
+def test_eval_retrieval_on_ray_equals_in_process(setup, make_cache, ray_local, tmp_path):
+    """--ray-address: image features from Ray tasks (one per shard here) give exactly the in-process result."""
+    root, samples, _ = setup
+    keys = [s["key"] for s in samples]
+    vecs = np.random.default_rng(3).standard_normal((len(keys), TEXT_DIM)).astype(np.float32)
+    cache = make_cache(keys, ["txt"] * len(keys), vecs, fingerprint="f00d", shard_rows=25)
+    args = ["eval-retrieval", "--model", str(root / "run"), "--images", str(root / "shards"), "--text-cache",
+            str(cache), "--backend", "numpy"]
+    assert main([*args, "--out", str(tmp_path / "local")]) == 0
+    assert main([*args, "--out", str(tmp_path / "ray"), "--ray-address", "auto"]) == 0
+    local, on_ray = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("local", "ray"))
+    assert on_ray["n_images"] == local["n_images"] == 30
+    for direction in ("image_to_text", "text_to_image"):
+        assert on_ray[direction] == pytest.approx(local[direction], abs=1e-9)
+    from l2c.eval.features import expand_shards
+    from l2c.eval.ray_features import extract_on_ray
+
+    feats = extract_on_ray(root / "run", expand_shards([str(root / "shards")]), ray_address="auto", tasks=2)
+    assert feats.keys == keys and feats.features.shape == (30, feats.features.shape[1])
