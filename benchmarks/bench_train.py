@@ -65,7 +65,7 @@ def step_fn(model, opt, loss_fn):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -120,7 +120,8 @@ def run_in_loop(cfg, shards, cache, captions: dict, steps: int) -> dict:
             tokens += sum(len(x) for x in encoder.captions(texts).ids)
     n = len(times) * cfg.batch_size
     return {"images_per_s": n / sum(times), "text_encoder_fraction": text_s / sum(times),
-            "caption_tokens_per_image": tokens / n, "text_params": sum(p.numel() for p in encoder.model.parameters())}
+            "caption_tokens_per_image": tokens / n,
+            "text_params": sum(p.numel() for k, p in encoder.model.named_parameters() if "embeddings" not in k)}
 
 
 def run_compute(cfg, dim: int, steps: int) -> dict:
@@ -151,6 +152,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--n", type=int, default=2000, help="demo images to generate and embed")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (data.workers)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -162,17 +164,19 @@ def main(argv=None) -> dict:
     work = args.out / "train"
     shards, cache, captions = prepare(work, args.n)
     cfg = load_config(TrainConfig, "demo", [f"steps={args.steps}", f"batch_size={args.batch}", "log_every=2",
-                                            "optim.warmup_steps=2", f"checkpoint_every={args.steps}"])
+                                            "optim.warmup_steps=2", f"checkpoint_every={args.steps}",
+                                            f"data.workers={args.workers}"])
     compute = run_compute(cfg, TextCache(cache).dim, args.steps)
     cached = run_cached(cfg, shards, cache, work, args.steps)
     in_loop = run_in_loop(cfg, shards, cache, captions, args.steps)
 
     # forward+backward of the vision side ~ 6 x params x tokens; a frozen text encoder forward ~ 2 x params x tokens
+    # (non-embedding parameters: an embedding lookup costs no multiply-adds)
     vision_flop = 6 * compute["vision_params"] * compute["image_tokens"]
     text_flop = 2 * in_loop["text_params"] * in_loop["caption_tokens_per_image"]
     res = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU, torch {torch.__version__}",
-        "config": "demo", "batch_size": args.batch, "steps": args.steps,
+        "config": "demo", "batch_size": args.batch, "steps": args.steps, "data_workers": args.workers,
         "cached": cached, "in_loop": in_loop, "compute_only": compute,
         "ratio_cached_over_compute": cached["images_per_s"] / compute["images_per_s"],
         "ratio_cached_over_in_loop": cached["images_per_s"] / in_loop["images_per_s"],
@@ -196,7 +200,7 @@ def main(argv=None) -> dict:
               f"text {text_flop / 1e9:.2f} vs vision {vision_flop / 1e9:.2f} GFLOP per image")
     Console().print(t)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_train.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / f"bench_train_w{args.workers}.json").write_text(json.dumps(res, indent=2) + "\n")
     return res
 
 
