@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from l2c.config import ConfigError, load_config
+from l2c.ray_utils import valid_resources
 
 RUNTIME_ENV = "ray/runtime_env.yaml"
 RESOURCES = "ray/resources.yaml"
@@ -89,7 +90,7 @@ class StageResources:
                 raise ConfigError(f"{name} must be >= 0, got {v}")
         e = self.entrypoint
         for what, res in (("entrypoint.resources", e.resources), ("worker_resources", self.worker_resources)):
-            if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in res.values()):
+            if not valid_resources(res):
                 raise ConfigError(f"{what} must map resource names to numbers >= 0, got {res}")
         if e.num_cpus < 0 or e.num_gpus < 0:
             raise ConfigError("entrypoint num_cpus / num_gpus must be >= 0")

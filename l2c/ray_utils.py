@@ -6,6 +6,11 @@ import os
 import tempfile
 
 
+def valid_resources(resources: dict | None) -> bool:
+    """A Ray resource map: names to plain numbers >= 0 (bools are not numbers here)."""
+    return all(not isinstance(v, bool) and isinstance(v, (int, float)) and v >= 0 for v in (resources or {}).values())
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True):
     """Join the cluster at `address` (or `RAY_ADDRESS`); else start a fresh local Ray in a temp dir.
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from l2c import atomic
 from l2c.cache import MANIFEST, REJECTED, REJECTED_DIR, CacheError, Manifest, ShardEntry, local_dir
+from l2c.ray_utils import valid_resources
 
 # Settings that must match for a rerun to add to an existing cache.
 IDENTITY_KEYS = ("model_fingerprint", "engine", "pooling", "normalize", "max_length", "dtype", "store_dtype",
@@ -75,8 +76,7 @@ class EmbedConfig:
             raise ValueError("need max_length >= 4 and batch_tokens >= max_length")
         if self.num_actors is not None and self.num_actors < 1 or self.read_actors is not None and self.read_actors < 1:
             raise ValueError("--num-actors and --read-actors must be positive")
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0
-               for v in (self.actor_resources or {}).values()):  # fmt: skip
+        if not valid_resources(self.actor_resources):
             raise ValueError(f"--actor-resources must map resource names to numbers >= 0, got {self.actor_resources}")
 
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from l2c import atomic
 from l2c.config import ConfigError, dump_config, from_dict, to_dict
+from l2c.trainer.checkpoint import rng_state, set_rng_state
 from l2c.trainer.text_config import RESUME_LOCKED, FinetuneTextConfig
 
 STAGES = ("mntp", "contrastive")
@@ -136,21 +137,6 @@ def list_checkpoints(out: Path) -> list[Checkpoint]:
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(out: Path, stage: str, step: int, model, optimizer, scheduler, info: dict, keep_last: int):
