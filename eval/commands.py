@@ -39,7 +39,7 @@ def register(app) -> None:
         images: list[str] = typer.Option(
             ..., "--images", help="Image shards: tar files, directories, globs or brace ranges (repeatable)."
         ),
-        text_cache: Path = typer.Option(..., "--text-cache", help="Text cache of the same images' captions."),
+        text_cache: str = typer.Option(..., "--text-cache", help="Text cache of the same images' captions (path or URL)."),
         k: str = typer.Option("1,5,10", "--k", help="Recall cut-offs, comma-separated."),
         fields: list[str] = typer.Option(
             None,
@@ -76,7 +76,7 @@ def register(app) -> None:
 
     @app.command("eval-cra")
     def eval_cra_cmd(
-        text_cache: Path | None = typer.Option(None, "--text-cache", help="Evaluate this text cache."),
+        text_cache: str | None = typer.Option(None, "--text-cache", help="Evaluate this text cache (path or URL)."),
         captions: Path | None = typer.Option(
             None, "--captions", help="Or: a captions file (.jsonl/.parquet/.tar) to embed with --model first."
         ),

@@ -8,8 +8,9 @@ Layout of a cache directory::
     DIR/rejected/<shard>.jsonl captions that got no vector, with the reason (one file per shard)
     DIR/rejected.jsonl         all of the above, assembled when a job ends
 
-Shards are written under a temp name and renamed when complete; the manifest is updated after the
-rename, so a shard listed in the manifest is always whole. Readers go through `TextCache`.
+DIR is a path, a `file://` URL or an object-store URL (`s3://`, `gs://`; see `l2c.storage`). Shards are
+published atomically (temp name + rename on filesystems, one upload on object stores); the manifest is
+updated after, so a shard listed in the manifest is always whole. Readers go through `TextCache`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from l2c import atomic
+from l2c.storage import StorageError, Store, as_store
 
 FORMAT_NAME = "l2c-text-cache"
 FORMAT_VERSION = 1
@@ -36,21 +37,6 @@ STORE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 class CacheError(ValueError):
     """A cache that is missing, damaged, or does not match what the caller expects."""
-
-
-def local_dir(spec: str | Path) -> Path:
-    """A cache location as a local path: a plain path or a `file://` URL (on a cluster, a shared mount)."""
-    s = str(spec)
-    if s.startswith("file:"):
-        from fsspec.implementations.local import LocalFileSystem
-
-        return Path(LocalFileSystem._strip_protocol(s))
-    if "://" in s:
-        raise CacheError(
-            f"{s}: a cache lives on a filesystem path or a file:// URL (on a cluster: a mount every node sees); "
-            f"{s.split('://', 1)[0]}:// is not supported for caches yet"
-        )
-    return Path(s)
 
 
 def arrow_schema(dim: int, store_dtype: str = "float16") -> pa.Schema:
@@ -99,11 +85,11 @@ def build_table(
     )
 
 
-def write_shard_file(path: str | Path, table: pa.Table) -> tuple[int, str]:
-    """Write a shard atomically; returns (rows, sha256 of the file)."""
-    with atomic.atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd" if table.num_rows else "none")
-    return table.num_rows, atomic.sha256_file(path)
+def write_shard_file(store: str | Path | Store, name: str, table: pa.Table) -> tuple[int, str]:
+    """Write a shard atomically as `name` in `store`; returns (rows, sha256 of the file)."""
+    compression = "zstd" if table.num_rows else "none"
+    digest = as_store(store).write_file(name, lambda tmp: pq.write_table(table, tmp, compression=compression))
+    return table.num_rows, digest
 
 
 @dataclass
@@ -163,18 +149,25 @@ class Manifest:
             l2c_version=d.get("l2c_version", ""),
         )
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path | Store) -> None:
         from l2c import __version__
 
         self.l2c_version = __version__
-        atomic.write_json(Path(directory) / MANIFEST, self.to_dict())
+        as_store(directory).write_text(MANIFEST, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: str | Path) -> Manifest:
-        p = Path(directory) / MANIFEST
-        if not p.exists():
-            raise CacheError(f"{directory} has no {MANIFEST}: not a text cache (run `l2c embed-captions`)")
-        return cls.from_dict(json.loads(p.read_text()))
+    def load(cls, directory: str | Path | Store) -> Manifest:
+        store = _open_store(directory)
+        if not store.exists(MANIFEST):
+            raise CacheError(f"{store} has no {MANIFEST}: not a text cache (run `l2c embed-captions`)")
+        return cls.from_dict(json.loads(store.read_text(MANIFEST)))
+
+
+def _open_store(spec: str | Path | Store) -> Store:
+    try:
+        return as_store(spec)
+    except StorageError as e:
+        raise CacheError(str(e)) from e
 
 
 class TextCache:
@@ -186,10 +179,18 @@ class TextCache:
     >>> table = cache.read_shard("shard-000")          # one shard, as Arrow, rows in source order
     """
 
-    def __init__(self, directory: str | Path):
-        self.dir = local_dir(directory)
-        self.manifest = Manifest.load(self.dir)
+    def __init__(self, directory: str | Path | Store):
+        self.store = _open_store(directory)
+        try:
+            self.manifest = Manifest.load(self.store)
+        except StorageError as e:
+            raise CacheError(str(e)) from e
         self.settings = self.manifest.settings
+
+    @property
+    def dir(self) -> str:
+        """The cache's location: an absolute path, or the URL of an object-store prefix."""
+        return self.store.url
 
     @property
     def dim(self) -> int:
@@ -221,7 +222,7 @@ class TextCache:
 
     def read_shard(self, name: str, columns: list[str] | None = None) -> pa.Table:
         entry = self.manifest.shards[name]
-        return pq.read_table(self.dir / entry.file, columns=columns)
+        return pq.read_table(self.store.path(entry.file), columns=columns, filesystem=self.store.fs)
 
     def iter_tables(self, columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
         for name in self.shard_names:
@@ -244,26 +245,26 @@ class TextCache:
 
     def rejected(self) -> list[dict]:
         out = []
-        for p in sorted((self.dir / REJECTED_DIR).glob("*.jsonl")):
-            out += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        for name in self.store.list(REJECTED_DIR, ".jsonl"):
+            text = self.store.read_text(f"{REJECTED_DIR}/{name}")
+            out += [json.loads(line) for line in text.splitlines() if line.strip()]
         return out
 
     def validate(self) -> list[str]:
         """Check every shard against the manifest (file present, rows, dim, dtype, sha256). Returns problems."""
         problems = []
         for name, entry in sorted(self.manifest.shards.items()):
-            path = self.dir / entry.file
-            if not path.exists():
+            if not self.store.exists(entry.file):
                 problems.append(f"{name}: file {entry.file} is missing")
                 continue
-            digest = atomic.sha256_file(path)
+            digest = self.store.sha256(entry.file)
             if digest != entry.sha256:
                 problems.append(f"{name}: sha256 {digest[:12]}… differs from manifest {entry.sha256[:12]}…")
                 continue
-            meta = pq.read_metadata(path)
-            if meta.num_rows != entry.rows:
-                problems.append(f"{name}: {meta.num_rows} rows, manifest says {entry.rows}")
-            schema = pq.read_schema(path)
+            pf = pq.ParquetFile(self.store.path(entry.file), filesystem=self.store.fs)
+            if pf.metadata.num_rows != entry.rows:
+                problems.append(f"{name}: {pf.metadata.num_rows} rows, manifest says {entry.rows}")
+            schema = pf.schema_arrow
             want = arrow_schema(self.dim, self.settings.get("store_dtype", "float16"))
             if entry.rows and not schema.equals(want, check_metadata=False):
                 problems.append(f"{name}: schema {schema} differs from {want}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -15,7 +14,7 @@ console = Console()
 
 def embed_captions(
     sources: Annotated[list[str], typer.Argument(help="webdataset .tar shards, .jsonl or .parquet tables; globs and {000..009} ranges")],
-    out: Annotated[str, typer.Option("--out", "-o", help="cache directory (a path or file:// URL; on a cluster, storage every node mounts)")],
+    out: Annotated[str, typer.Option("--out", "-o", help="cache directory: a path, a file:// URL, or an object-store URL (s3://, gs://); on a cluster, storage every node reaches")],
     model: Annotated[str, typer.Option(help="local model dir, hub id, or `minilm` (the packaged all-MiniLM-L6-v2)")] = "minilm",
     text_field: Annotated[list[str], typer.Option("--text-field", "-f", help="repeatable: txt, json:long_caption, captions[0], captions[*]")] = ["txt"],  # noqa: B006
     key_field: Annotated[str, typer.Option(help="key column of table sources (tars use __key__)")] = "key",
@@ -80,7 +79,7 @@ def print_embed_summary(s: dict) -> None:
 
 
 def cache_info(
-    cache: Annotated[Path, typer.Argument(help="cache directory")],
+    cache: Annotated[str, typer.Argument(help="cache directory or URL (s3://, gs://)")],
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="check every shard's rows, dim and sha256")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print the manifest summary as JSON")] = False,
 ) -> dict:  # fmt: skip

@@ -2,7 +2,8 @@
 
 Stages, one Ray Data row per source shard so every stage sees a whole shard:
   read + validate + tokenize (CPU actors) → encode (model actors, one per GPU or CPU slot) → write Parquet
-  (tasks; temp name, then rename) → the driver records each finished shard in `manifest.json`.
+  (tasks; temp name + rename, or one upload to an object store) → the driver records each
+  finished shard in `manifest.json`.
 A rerun with the same settings skips finished shards; a crash loses only the shards in flight.
 """
 
@@ -10,16 +11,14 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from l2c import atomic
-from l2c.cache import MANIFEST, REJECTED, REJECTED_DIR, CacheError, Manifest, ShardEntry, local_dir
+from l2c.cache import MANIFEST, REJECTED, REJECTED_DIR, CacheError, Manifest, ShardEntry
 from l2c.ray_utils import valid_resources
+from l2c.storage import StorageError, Store
 
 # Settings that must match for a rerun to add to an existing cache.
 IDENTITY_KEYS = ("model_fingerprint", "engine", "pooling", "normalize", "max_length", "dtype", "store_dtype",
@@ -178,11 +177,12 @@ def write_shard(batch: dict, out_dir: str, store_dtype: str, dim: int, strict: b
     """Ray Data task: Parquet (atomic) + the shard's rejects file; returns the manifest entry as JSON."""
     from l2c.cache import build_table, write_shard_file
 
+    store = Store(out_dir)
     out = {"shard": [], "result": []}
     for shard, blob in zip(batch["shard"], batch["payload"], strict=True):
         p = pickle.loads(blob)
-        rej_path = Path(out_dir) / REJECTED_DIR / f"{shard}.jsonl"
-        atomic.write_text(rej_path, "".join(json.dumps(r) + "\n" for r in p["rejects"]))
+        store.makedirs(REJECTED_DIR)
+        store.write_text(f"{REJECTED_DIR}/{shard}.jsonl", "".join(json.dumps(r) + "\n" for r in p["rejects"]))
         result = {"status": "done", "rejects": _reason_counts(p["rejects"]), "n_samples": p["n_samples"],
                   "encode_s": p["encode_s"], "stats": p["stats"]}  # fmt: skip
         if p["failed"]:
@@ -194,7 +194,7 @@ def write_shard(batch: dict, out_dir: str, store_dtype: str, dim: int, strict: b
         else:
             emb = p["embeddings"].reshape(len(p["keys"]), dim)
             table = build_table(p["keys"], p["fields"], emb, p["n_tokens"], p["truncated"], store_dtype)
-            rows, digest = write_shard_file(Path(out_dir) / f"{shard}.parquet", table)
+            rows, digest = write_shard_file(store, f"{shard}.parquet", table)
             entry = ShardEntry(
                 file=f"{shard}.parquet", source=p["source"], rows=rows, sha256=digest,
                 n_rejected=len(p["rejects"]), n_truncated=int(np.sum(p["truncated"])),
@@ -253,9 +253,9 @@ def resolve_settings(cfg: EmbedConfig, gpus_available: bool) -> tuple[dict, dict
     return settings, spec
 
 
-def open_manifest(out: Path, settings: dict, overwrite: bool) -> Manifest:
+def open_manifest(out: Store, settings: dict, overwrite: bool) -> Manifest:
     """The existing manifest when settings agree; a fresh one (old outputs removed) with --overwrite."""
-    if (out / MANIFEST).exists():
+    if out.exists(MANIFEST):
         old = Manifest.load(out)
         diff = {k: (old.settings.get(k), settings.get(k)) for k in IDENTITY_KEYS
                 if old.settings.get(k) != settings.get(k)}  # fmt: skip
@@ -268,20 +268,21 @@ def open_manifest(out: Path, settings: dict, overwrite: bool) -> Manifest:
                 f"{out} already holds a cache made with other settings:\n{lines}\n"
                 "Use another --out, or --overwrite to discard it."
             )
-        for p in [*out.glob("*.parquet"), out / MANIFEST, out / REJECTED]:
-            p.unlink(missing_ok=True)
-        shutil.rmtree(out / REJECTED_DIR, ignore_errors=True)
+        for name in [*out.list("", ".parquet"), MANIFEST, REJECTED]:
+            out.remove(name)
+        for name in out.list(REJECTED_DIR, ".jsonl"):
+            out.remove(f"{REJECTED_DIR}/{name}")
     return Manifest(settings=settings)
 
 
-def assemble_rejects(out: Path, shards: list[str]) -> int:
+def assemble_rejects(out: Store, shards: list[str]) -> int:
     """Write DIR/rejected.jsonl from the per-shard files of this job's shards; returns the count."""
     lines = []
+    have = set(out.list(REJECTED_DIR, ".jsonl"))
     for name in shards:
-        p = out / REJECTED_DIR / f"{name}.jsonl"
-        if p.exists():
-            lines += [ln for ln in p.read_text().splitlines() if ln.strip()]
-    atomic.write_text(out / REJECTED, "".join(ln + "\n" for ln in lines))
+        if f"{name}.jsonl" in have:
+            lines += [ln for ln in out.read_text(f"{REJECTED_DIR}/{name}.jsonl").splitlines() if ln.strip()]
+    out.write_text(REJECTED, "".join(ln + "\n" for ln in lines))
     return len(lines)
 
 
@@ -305,10 +306,13 @@ def run_embed(cfg: EmbedConfig) -> dict:
     if not sources:
         raise ValueError("no sources given")
     names = shard_names(sources)
-    out = local_dir(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.remove_stale_tmp(out)
-    atomic.remove_stale_tmp(out / REJECTED_DIR) if (out / REJECTED_DIR).exists() else None
+    try:
+        out = Store(cfg.out)
+        out.makedirs()
+    except StorageError as e:
+        raise CacheError(str(e)) from e
+    out.remove_stale_tmp()
+    out.remove_stale_tmp(REJECTED_DIR)
 
     started = init_ray(cfg.ray_address)
     t0 = time.time()
@@ -319,7 +323,8 @@ def run_embed(cfg: EmbedConfig) -> dict:
         manifest = open_manifest(out, settings, cfg.overwrite)
         manifest.save(out)
         done = {e.source for e in manifest.shards.values()}
-        todo = [s for s in sources if s not in done or not (out / f"{names[s]}.parquet").exists()]
+        have = set(out.list("", ".parquet"))
+        todo = [s for s in sources if s not in done or f"{names[s]}.parquet" not in have]
         skipped = len(sources) - len(todo)
         results = []
         if todo:
@@ -359,7 +364,7 @@ def _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out) -
     )  # fmt: skip
     ds = ds.map_batches(
         write_shard, batch_size=1, num_cpus=0.25,
-        fn_kwargs={"out_dir": str(out.resolve()), "store_dtype": settings["store_dtype"], "dim": settings["dim"],
+        fn_kwargs={"out_dir": out.url, "store_dtype": settings["store_dtype"], "dim": settings["dim"],
                    "strict": cfg.strict},
     )  # fmt: skip
 
@@ -378,9 +383,10 @@ def _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out) -
             e = res.get("entry", {})
             bar.advance(sizes[row["shard"]], e.get("rows", 0), e.get("n_tokens", 0))
     if strict_fail:
+        rejects_file = out.display(f"{REJECTED_DIR}/{strict_fail['shard']}.jsonl")
         raise CacheError(
             f"--strict: shard {strict_fail['shard']} has rejected captions, e.g. {strict_fail['detail'][:2]}; "
-            f"see {out / REJECTED_DIR / (strict_fail['shard'] + '.jsonl')}"
+            f"see {rejects_file}"
         )
     return results
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from l2c.ray_utils import init_ray
+from l2c.storage import Store
 from l2c.trainer.config import TrainConfig
 
 
@@ -63,7 +64,7 @@ def train_with_ray(
             train_loop_config={
                 "cfg": cfg,
                 "images": images,
-                "text_cache": str(Path(text_cache).resolve()),
+                "text_cache": Store(text_cache).url,  # absolute path or URL: workers run elsewhere
                 "out": str(out),
                 "resume": resume,
                 "max_steps": max_steps,

@@ -80,8 +80,8 @@ def register_train_vision(app) -> None:
         images: list[str] = typer.Option(
             ..., "--images", help="Image tars: paths, globs, brace ranges, URLs (repeatable)."
         ),
-        text_cache: Path = typer.Option(
-            ..., "--text-cache", help="Text-embedding cache from `l2c embed-captions`."
+        text_cache: str = typer.Option(
+            ..., "--text-cache", help="Text-embedding cache from `l2c embed-captions` (a path or an s3://, gs:// URL)."
         ),
         out: Path = typer.Option(..., "--out", help="Run directory (config, metrics, checkpoints, export)."),
         config: str = typer.Option(None, "--config", help="configs/NAME.yaml or a path."),

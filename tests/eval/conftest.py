@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # test modules import eval_refer
 
 
 def write_cache(
-    directory: Path,
+    directory: Path | str,
     keys: list[str],
     fields: list[str],
     vecs: np.ndarray,
@@ -22,8 +22,10 @@ def write_cache(
     shard_rows: int = 0,
     store_dtype: str = "float32",
 ) -> Path:
-    """A text cache holding the given rows, split into shards of `shard_rows` (0: one shard)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """A text cache (a directory or an object-store URL) holding the given rows, in shards of `shard_rows` (0: one)."""
+    from l2c.storage import Store
+
+    Store(directory).makedirs()
     n = len(keys)
     step = shard_rows or max(n, 1)
     shards = {}
@@ -33,7 +35,7 @@ def write_cache(
         table = build_table(
             keys[sl], fields[sl], vecs[sl], [7] * len(keys[sl]), [False] * len(keys[sl]), store_dtype
         )
-        rows, sha = write_shard_file(directory / f"{name}.parquet", table)
+        rows, sha = write_shard_file(directory, f"{name}.parquet", table)
         shards[name] = ShardEntry(file=f"{name}.parquet", source=f"src-{s}", rows=rows, sha256=sha)
     settings = {
         "model": "test-model",

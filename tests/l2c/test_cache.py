@@ -13,7 +13,7 @@ def make_cache(d, store_dtype="float16", rows=5, dim=8):
     keys = [f"k{i // 2}" for i in range(rows)]
     fields = ["txt" if i % 2 == 0 else "json:long_caption" for i in range(rows)]
     table = build_table(keys, fields, emb, np.arange(rows) + 3, np.zeros(rows, bool), store_dtype)
-    n, digest = write_shard_file(d / "s0.parquet", table)
+    n, digest = write_shard_file(d, "s0.parquet", table)
     m = Manifest(settings={"dim": dim, "store_dtype": store_dtype, "fields": ["txt", "json:long_caption"],
                            "model_fingerprint": "abc"},
                  shards={"s0": ShardEntry(file="s0.parquet", source="/x/s0.tar", rows=n, sha256=digest)})  # fmt: skip

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from l2c.cache import CacheError, local_dir
 from l2c.cli import main
 from l2c.cluster import ClusterResources, load_resources, load_runtime_env
 from l2c.config import ConfigError, load_config
 from l2c.pipeline.sources import expand_sources
+from l2c.storage import Store
 from l2c.submit import SubmitError, build_submission, check_command
 from tests.l2c.ray_cluster import free_port
 
@@ -105,8 +105,5 @@ def test_file_urls_are_local_paths(tmp_path):
     (tmp_path / "b.jsonl").write_text("")
     assert expand_sources([f"file://{tmp_path}/a.tar", f"file://{tmp_path}/*.jsonl", str(tmp_path / "a.tar")]) == [
         str(tmp_path / "a.tar"), str(tmp_path / "b.jsonl")]  # fmt: skip
-    assert local_dir(f"file://{tmp_path}/cache") == tmp_path / "cache"
-    assert local_dir(Path(f"file://{tmp_path}/cache")) == tmp_path / "cache"  # as a typer Path option gives it
-    assert local_dir("rel/cache").as_posix() == "rel/cache"
-    with pytest.raises(CacheError, match="s3:// is not supported"):
-        local_dir("s3://bucket/cache")
+    assert Store(f"file://{tmp_path}/cache").url == str(tmp_path / "cache")
+    assert Store(Path(f"file://{tmp_path}/cache")).url == str(tmp_path / "cache")  # as a typer Path option gives it

@@ -247,6 +247,24 @@ def test_resume_after_max_steps_equals_uninterrupted(classes, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
 
+def test_text_cache_on_object_store_trains_the_same(classes, s3_bucket, tmp_path):
+    """The cache uploaded to an S3 bucket: the same pairs in the same order, the same losses (data workers read it)."""
+    import fsspec
+
+    tars, _, _, cache = classes
+    fs = fsspec.filesystem("s3")
+    for p in Path(cache).iterdir():
+        fs.put_file(str(p), f"{s3_bucket[5:]}/cache/{p.name}")
+    images = [str(t) for t in tars]
+    cfg = tiny_cfg("steps=6", "data.workers=2")
+    a = train(cfg, images, cache, tmp_path / "local", progress=False)
+    b = train(cfg, images, f"{s3_bucket}/cache", tmp_path / "s3", progress=False)
+    assert a["finished"] and b["finished"] and b["skips"] == dict.fromkeys(b["skips"], 0)
+    ma, mb = metrics(tmp_path / "local"), metrics(tmp_path / "s3")
+    assert [r["data_digest"] for r in ma] == [r["data_digest"] for r in mb]
+    np.testing.assert_allclose([r["loss"] for r in ma], [r["loss"] for r in mb], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted(classes, tmp_path):
     """A process killed mid-run (SIGKILL) resumes from its last checkpoint and ends like an uninterrupted run."""

@@ -81,23 +81,24 @@ def class_vectors(n_classes: int, dim: int, seed: int = 123) -> np.ndarray:
 
 
 def write_cache(
-    cache_dir: Path,
+    cache_dir: Path | str,
     shards: dict[str, tuple[str, list[tuple[str, str, np.ndarray]]]],
     dim: int,
     fields: list[str],
     fingerprint: str = "fp-test",
 ) -> Path:
-    """A real text cache: shards = {name: (source, [(key, field, vector), ...])}."""
+    """A real text cache (a directory or an object-store URL): shards = {name: (source, [(key, field, vector)])}."""
     from l2c.cache import Manifest, ShardEntry, build_table, write_shard_file
+    from l2c.storage import Store
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    Store(cache_dir).makedirs()
     entries = {}
     for name, (source, rows) in shards.items():
         emb = np.stack([r[2] for r in rows]).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
         table = build_table(
             [r[0] for r in rows], [r[1] for r in rows], emb, [8] * len(rows), [False] * len(rows)
         )
-        n, sha = write_shard_file(cache_dir / f"{name}.parquet", table)
+        n, sha = write_shard_file(cache_dir, f"{name}.parquet", table)
         entries[name] = ShardEntry(file=f"{name}.parquet", source=str(source), rows=n, sha256=sha)
     settings = {
         "model": "test",

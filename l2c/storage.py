@@ -1,0 +1,185 @@
+"""Where a cache lives: a local path, a `file://` URL, or an object-store URL (`s3://`, `gs://`, any fsspec protocol).
+
+Writes never leave a half-written file under a final name:
+- on a filesystem, a file is written under a `.tmp-` name beside its target, fsynced and renamed;
+- on an object store, it is written to a local temp file and uploaded in one PUT (or one multipart upload);
+  the store makes the object visible only when the upload completes, and an aborted upload leaves nothing.
+
+>>> store = Store("s3://bucket/caches/minilm")     # or "cache/", "file:///fsx/cache"
+>>> store.write_bytes("manifest.json", b"{}")
+>>> sha = store.write_file("shard-000.parquet", lambda tmp: table_to_parquet(tmp))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from l2c import atomic
+
+# fsspec packages a protocol needs, for the error message when one is missing.
+PROTOCOL_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+
+
+class StorageError(ValueError):
+    """A location that cannot be opened (unknown protocol, missing fsspec package, bad URL)."""
+
+
+def is_url(spec: str | Path) -> bool:
+    """True for `proto://...` (also as a `Path`, which folds `//` into `/`); plain paths and `file:` are local."""
+    s = str(spec)
+    head = s.split(":", 1)[0]
+    return ":" in s and "/" not in head and len(head) > 1 and not s.startswith("file:")
+
+
+def normalize(spec: str | Path) -> str:
+    """A location as a string: `file:` URLs become local paths; `s3:/b/k` (a URL that went through `Path`) is mended."""
+    s = str(spec)
+    if s.startswith("file:"):
+        from fsspec.implementations.local import LocalFileSystem
+
+        return LocalFileSystem._strip_protocol(s)
+    if is_url(s):
+        proto, rest = s.split(":", 1)
+        return f"{proto}://{rest.lstrip('/')}"
+    return s
+
+
+class Store:
+    """A directory-like location; paths given to its methods are relative to it (`"rejected/shard-000.jsonl"`)."""
+
+    def __init__(self, spec: str | Path):
+        s = normalize(spec)
+        self.local = not is_url(s)
+        if self.local:
+            self.root = str(Path(s).expanduser().resolve())
+            self.url = self.root
+        else:
+            self.url = s.rstrip("/")
+            self.root = ""
+        self._fs = None
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fs": None}
+
+    @property
+    def fs(self):
+        """The fsspec filesystem (created on first use, so a Store pickles to Ray workers as its URL)."""
+        if self._fs is None:
+            import fsspec
+
+            if self.local:
+                from fsspec.implementations.local import LocalFileSystem
+
+                self._fs = LocalFileSystem()
+            else:
+                proto = self.url.split("://", 1)[0]
+                try:
+                    self._fs, self.root = fsspec.core.url_to_fs(self.url)
+                except ImportError as e:
+                    pkg = PROTOCOL_PACKAGES.get(proto, f"the fsspec implementation of {proto}://")
+                    raise StorageError(f"{self.url}: reading and writing {proto}:// needs {pkg} (pip install {pkg})") from e
+                except ValueError as e:
+                    raise StorageError(f"{self.url}: {e}") from e
+                self.root = self.root.rstrip("/")
+        return self._fs
+
+    def path(self, rel: str = "") -> str:
+        """The full path of `rel` inside the store, as its filesystem names it."""
+        _ = self.fs  # resolves `root` for URLs
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def display(self, rel: str = "") -> str:
+        """`rel` as a user would type it (the URL for object stores)."""
+        return f"{self.url}/{rel}" if rel else self.url
+
+    # ------------------------------------------------------------------ reading
+    def _fresh(self, path: str) -> str:
+        """`path`, with the filesystem's listing cache for it dropped: other processes (Ray workers) write here."""
+        if not self.local:
+            self.fs.invalidate_cache(path)
+        return path
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self._fresh(self.path(rel)))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    def open(self, rel: str, mode: str = "rb"):
+        return self.fs.open(self.path(rel), mode)
+
+    def list(self, subdir: str = "", suffix: str = "") -> list[str]:
+        """Names (not paths) of the files directly in `subdir` ending with `suffix`, sorted; [] if none."""
+        try:
+            entries = self.fs.ls(self._fresh(self.path(subdir)), detail=True)
+        except FileNotFoundError:
+            return []
+        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file"]
+        return sorted(n for n in names if n.endswith(suffix) and not n.startswith(".tmp-"))
+
+    def sha256(self, rel: str, chunk: int = 1 << 22) -> str:
+        h = hashlib.sha256()
+        with self.open(rel) as f:
+            while block := f.read(chunk):
+                h.update(block)
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------ writing (atomic)
+    def makedirs(self, rel: str = "") -> None:
+        if self.local:
+            Path(self.path(rel)).mkdir(parents=True, exist_ok=True)
+
+    def write_file(self, rel: str, write: Callable[[Path], object]) -> str:
+        """Call `write(tmp_path)` to produce the file, then publish it as `rel` atomically; returns its sha256."""
+        if self.local:
+            with atomic.atomic_path(self.path(rel)) as tmp:
+                write(tmp)
+            return atomic.sha256_file(self.path(rel))
+        fd, name = tempfile.mkstemp(prefix=".tmp-l2c-")
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            write(tmp)
+            digest = atomic.sha256_file(tmp)
+            self.fs.put_file(str(tmp), self.path(rel))
+        finally:
+            tmp.unlink(missing_ok=True)
+        return digest
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        if self.local:
+            atomic.write_bytes(self.path(rel), data)
+        else:
+            self.fs.pipe_file(self.path(rel), data)  # one PUT: the object appears whole or not at all
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def remove(self, rel: str) -> None:
+        try:
+            self.fs.rm_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+    def remove_stale_tmp(self, subdir: str = "") -> int:
+        """Delete the temp files a crashed run left (filesystems only: object stores never show partial uploads)."""
+        if not self.local or not Path(self.path(subdir)).is_dir():
+            return 0
+        return atomic.remove_stale_tmp(self.path(subdir))
+
+
+def as_store(spec: str | Path | Store) -> Store:
+    return spec if isinstance(spec, Store) else Store(spec)
