@@ -86,9 +86,17 @@ def build_table(
 
 
 def write_shard_file(store: str | Path | Store, name: str, table: pa.Table) -> tuple[int, str]:
-    """Write a shard atomically as `name` in `store`; returns (rows, sha256 of the file)."""
-    compression = "zstd" if table.num_rows else "none"
-    digest = as_store(store).write_file(name, lambda tmp: pq.write_table(table, tmp, compression=compression))
+    """Write a shard atomically as `name` in `store`; returns (rows, sha256 of the file).
+
+    Dictionary encoding only for `field` (a few distinct values): on the vectors it finds no repeats and
+    costs more than half the write time (benchmarks/bench_node.py: 2.6x faster writes, 2.4x faster reads).
+    """
+
+    def write(tmp):
+        compression = "zstd" if table.num_rows else "none"
+        pq.write_table(table, tmp, compression=compression, use_dictionary=["field"])
+
+    digest = as_store(store).write_file(name, write)
     return table.num_rows, digest
 
 

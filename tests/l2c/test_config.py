@@ -41,3 +41,30 @@ def test_yaml_then_overrides_with_types(tmp_path):
 def test_bad_overrides_are_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(Cfg, None, [override])
+
+
+def test_every_shipped_yaml_is_claimed_by_a_loader_and_valid():
+    """A YAML added under configs/ without a loader here fails: nothing ships unvalidated."""
+    from fnmatch import fnmatch
+
+    from l2c.cluster import load_resources, load_runtime_env
+    from l2c.config import CONFIG_DIR
+    from l2c.scaling import ScalingConfig
+    from l2c.trainer.config import TrainConfig
+    from l2c.trainer.text_config import FinetuneTextConfig
+
+    loaders = {
+        "demo.yaml": lambda p: load_config(TrainConfig, p),
+        "llm2clip_*.yaml": lambda p: load_config(TrainConfig, p),
+        "finetune_*.yaml": lambda p: load_config(FinetuneTextConfig, p),
+        "scaling.yaml": lambda p: load_config(ScalingConfig, p),
+        "ray/runtime_env.yaml": load_runtime_env,
+        "ray/resources.yaml": load_resources,
+    }
+    shipped = sorted(CONFIG_DIR.rglob("*.yaml"))
+    assert len(shipped) >= 8
+    for path in shipped:
+        rel = path.relative_to(CONFIG_DIR).as_posix()
+        matches = [load for pattern, load in loaders.items() if fnmatch(rel, pattern)]
+        assert len(matches) == 1, f"configs/{rel} has no loader in this test"
+        assert matches[0](path) is not None
