@@ -7,7 +7,6 @@ decode are skipped and returned with the reason (callers report them); a key see
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -22,24 +21,13 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def expand_shards(specs: list[str] | str) -> list[str]:
-    """Shard paths from files, directories (their `*.tar`), globs and brace ranges (`shard-{000..009}.tar`)."""
-    import braceexpand
+    """Image tars as `train-vision` finds them: files, directories, globs, brace ranges, fsspec URLs."""
+    from l2c.trainer.data import expand_shards as expand
 
-    specs = [specs] if isinstance(specs, (str, Path)) else list(specs)
-    out: list[str] = []
-    for spec in specs:
-        for s in braceexpand.braceexpand(str(spec)):
-            p = Path(s)
-            if p.is_dir():
-                found = sorted(str(x) for x in p.glob("*.tar"))
-            elif any(c in s for c in "*?["):
-                found = sorted(glob.glob(s))
-            else:
-                found = [s] if p.exists() else []
-            if not found:
-                raise EvalError(f"no image shards found for {s!r}")
-            out += found
-    return out
+    try:
+        return expand(specs)
+    except FileNotFoundError as e:
+        raise EvalError(f"no image shards found: {e}") from e
 
 
 def count_samples(shards: list[str]) -> int | None:
@@ -59,11 +47,17 @@ def count_samples(shards: list[str]) -> int | None:
 
 
 def iter_samples(shards: list[str]) -> Iterator[dict]:
-    """webdataset samples (dicts of raw bytes by extension, plus `__key__` and `__url__`) in shard order."""
-    import webdataset as wds
+    """webdataset samples (dicts of raw bytes by extension, plus `__key__` and `__url__`) in shard order.
 
-    ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
-    yield from ds
+    Read with the trainer's reader (local paths, `pipe:`, fsspec URLs); an unreadable or damaged tar is an
+    error naming it: evaluating on part of a test set would report figures of another set."""
+    from l2c.trainer.data import read_tar
+
+    for url in shards:
+        errors: list[str] = []
+        yield from read_tar(url, errors)
+        if errors:
+            raise EvalError(f"image shard {url} could not be read whole: {errors[0]}")
 
 
 def sample_field(sample: dict, spec: str):

@@ -137,6 +137,23 @@ class Store:
                 h.update(block)
         return h.hexdigest()
 
+    def fetch(self, rel: str = "") -> Path:
+        """A local copy of the directory `rel` (under $L2C_STAGING_DIR or the temp dir), downloaded afresh."""
+        if self.local:
+            return Path(self.path(rel))
+        import shutil
+
+        key = hashlib.sha256(self.display(rel).encode()).hexdigest()[:16]
+        dest = staging_root() / "fetched" / key
+        shutil.rmtree(dest, ignore_errors=True)
+        src = self.path(rel)
+        self.fs.invalidate_cache(src)
+        for path in self.fs.find(src):
+            target = dest / path[len(src) :].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(path, str(target))
+        return dest
+
     # ------------------------------------------------------------------ writing (atomic)
     def makedirs(self, rel: str = "") -> None:
         if self.local:
@@ -181,5 +198,96 @@ class Store:
         return atomic.remove_stale_tmp(self.path(subdir))
 
 
+def staging_root() -> Path:
+    """Where local copies of object-store directories live: $L2C_STAGING_DIR, else the temp dir."""
+    return Path(os.environ.get("L2C_STAGING_DIR") or tempfile.gettempdir()) / "l2c-staging"
+
+
 def as_store(spec: str | Path | Store) -> Store:
     return spec if isinstance(spec, Store) else Store(spec)
+
+
+class RunDir:
+    """A run directory that may live in an object store (`--out s3://bucket/runs/x`).
+
+    Work happens in a local directory: the path itself when the run directory is local, else a staging copy
+    under $L2C_STAGING_DIR (default: the temp dir). `pull()` fills the staging copy from the store (small
+    files and the newest checkpoint, which is what a resume needs); `sync()` uploads what changed, each file
+    one atomic upload, checkpoints last (so a stored checkpoint never runs ahead of the metrics it resumes),
+    and removes stored files that are gone locally (pruned checkpoints).
+    """
+
+    CHECKPOINTS = "checkpoints/"
+
+    def __init__(self, spec: str | Path, tag: str = "", exclude: tuple[str, ...] = ("pairing-index/",)):
+        self.store = Store(spec)
+        self.exclude = exclude
+        self._sent: dict[str, tuple[int, int]] = {}  # uploaded (or pulled): rel -> (size, mtime_ns)
+        self._stored_ckpts: set[str] = set()
+        if self.store.local:
+            self.local = Path(self.store.root)
+        else:
+            name = hashlib.sha256(self.store.url.encode()).hexdigest()[:16]
+            self.local = staging_root() / "runs" / f"{self.store.url.split('/')[-1]}-{name}{('-' + tag) if tag else ''}"
+
+    @property
+    def remote(self) -> bool:
+        return not self.store.local
+
+    def display(self, rel: str = "") -> str:
+        return self.store.display(rel) if self.remote else str(self.local / rel) if rel else str(self.local)
+
+    def _remote_files(self) -> dict[str, int]:
+        fs, root = self.store.fs, self.store.path()
+        fs.invalidate_cache(root)
+        try:
+            found = fs.find(root, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {p[len(root) + 1 :]: int(info.get("size") or 0) for p, info in found.items()}
+
+    def _local_files(self) -> dict[str, tuple[int, int]]:
+        if not self.local.exists():
+            return {}
+        out = {}
+        for p in self.local.rglob("*"):
+            rel = p.relative_to(self.local).as_posix()
+            if p.is_file() and not p.name.startswith(".tmp-") and not rel.startswith(self.exclude):
+                st = p.stat()
+                out[rel] = (st.st_size, st.st_mtime_ns)
+        return out
+
+    def pull(self) -> int:
+        """Make the staging copy mirror the store (the newest checkpoint only); returns files downloaded."""
+        if not self.remote:
+            return 0
+        import shutil
+
+        shutil.rmtree(self.local, ignore_errors=True)
+        self.local.mkdir(parents=True, exist_ok=True)
+        files = self._remote_files()
+        ckpts = sorted(f for f in files if f.startswith(self.CHECKPOINTS))
+        wanted = [f for f in files if not f.startswith(self.CHECKPOINTS)] + ckpts[-1:]
+        for rel in wanted:
+            (self.local / rel).parent.mkdir(parents=True, exist_ok=True)
+            self.store.fs.get_file(self.store.path(rel), str(self.local / rel))
+        self._sent = {rel: st for rel, st in self._local_files().items()}
+        self._stored_ckpts = set(ckpts)
+        return len(wanted)
+
+    def sync(self) -> int:
+        """Upload files that changed since the last sync, checkpoints last; returns files uploaded."""
+        if not self.remote:
+            return 0
+        now = self._local_files()
+        changed = [rel for rel, st in now.items() if self._sent.get(rel) != st]
+        changed.sort(key=lambda rel: (rel.startswith(self.CHECKPOINTS), rel))
+        for rel in changed:
+            self.store.fs.put_file(str(self.local / rel), self.store.path(rel))
+            self._sent[rel] = now[rel]
+        stored = self._stored_ckpts | {r for r in self._sent if r.startswith(self.CHECKPOINTS)}
+        for rel in sorted(r for r in stored if r not in now):  # pruned locally: prune in the store too
+            self.store.remove(rel)
+            self._sent.pop(rel, None)
+        self._stored_ckpts = {r for r in now if r.startswith(self.CHECKPOINTS)}
+        return len(changed)

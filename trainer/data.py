@@ -39,16 +39,27 @@ SKIP_KINDS = (
 )
 
 
-def expand_shards(spec: str | list[str]) -> list[str]:
-    """Paths, globs, brace ranges (`shard-{000000..000009}.tar`) and URLs, `::`-separated or a list."""
+def expand_shards(spec: str | Path | list) -> list[str]:
+    """Image tars from paths, directories (their `*.tar`), globs, brace ranges (`shard-{000000..000009}.tar`),
+    `pipe:` commands and fsspec URLs (`s3://bucket/tars/*.tar` too), `::`-separated or a list."""
     import webdataset as wds
+
+    from l2c.storage import is_url, normalize
 
     items = spec if isinstance(spec, (list, tuple)) else [spec]
     out: list[str] = []
     for item in items:
-        for url in wds.shardlists.expand_urls(str(item)):
-            if "://" in url or url.startswith("pipe:"):
+        for url in wds.shardlists.expand_urls(normalize(item)):
+            if url.startswith("pipe:") or is_url(url) and not any(c in url for c in "*?["):
                 out.append(url)
+            elif is_url(url):
+                import fsspec
+
+                fs, _, hits = fsspec.get_fs_token_paths(url)
+                if not hits:
+                    raise FileNotFoundError(f"no shards match {url!r}")
+                proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+                out += [f"{proto}://{h}" for h in sorted(hits)]
             elif any(c in url for c in "*?["):
                 hits = sorted(glob.glob(url))
                 if not hits:
@@ -56,9 +67,15 @@ def expand_shards(spec: str | list[str]) -> list[str]:
                 out += [str(Path(h).resolve()) for h in hits]
             else:
                 p = Path(url).expanduser()
-                if not p.exists():
+                if p.is_dir():
+                    hits = sorted(p.glob("*.tar"))
+                    if not hits:
+                        raise FileNotFoundError(f"directory {url!r} holds no .tar shards")
+                    out += [str(h.resolve()) for h in hits]
+                elif not p.exists():
                     raise FileNotFoundError(f"image shard {url!r} does not exist")
-                out.append(str(p.resolve()))
+                else:
+                    out.append(str(p.resolve()))
     if not out:
         raise FileNotFoundError(f"no image shards in {spec!r}")
     return out

@@ -94,6 +94,15 @@ class ExportedModel(L2CModel):
 
 
 def find_export(path: str | Path) -> Path:
+    """The export directory of RUN_DIR or RUN_DIR/export; from an object store, a fetched local copy."""
+    from l2c.storage import Store, is_url
+
+    if is_url(path):
+        store = Store(path)
+        for rel in ("", "export"):
+            if store.exists(f"{rel}/{META}" if rel else META):
+                return store.fetch(rel)
+        raise FileNotFoundError(f"{store} holds no exported l2c model ({META} not found in it or in export/)")
     p = Path(path)
     for cand in (p, p / "export"):
         if (cand / META).exists():

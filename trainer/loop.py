@@ -17,6 +17,7 @@ from torch import nn
 from l2c import atomic
 from l2c.cache import CacheError, TextCache
 from l2c.config import dump_config, to_dict
+from l2c.storage import RunDir
 from l2c.trainer import distributed as D
 from l2c.trainer.checkpoint import (
     latest_checkpoint,
@@ -180,8 +181,10 @@ def train(
     device = pick_device(device)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    paths = RunPaths(Path(out))
     main = rank == 0
+    run = RunDir(out, tag=f"rank{rank}")  # an object-store --out: a local staging copy, synced at checkpoints
+    run.pull()
+    paths = RunPaths(run.local)
 
     cache = TextCache(text_cache)
     check_cache(cfg, cache)
@@ -300,6 +303,7 @@ def train(
         state = checkpoint_state()
         if main:
             save_checkpoint(paths.root, step, state, cfg.keep_checkpoints)
+            run.sync()  # an object-store --out: what changed, the checkpoint last
 
     last = cfg.steps if max_steps is None else min(cfg.steps, step + max_steps)
     deadline = time.monotonic() + 60 * max_minutes if max_minutes else None
@@ -409,7 +413,7 @@ def train(
         )
         rows = read_metrics(paths.metrics)
         summary = {
-            "run_dir": str(paths.root),
+            "run_dir": run.display(),
             "step": step,
             "steps": cfg.steps,
             "finished": step >= cfg.steps,
@@ -422,8 +426,9 @@ def train(
             "world_size": world,
             "device": str(device),
             "skips": skips["counts"],
-            "export": str(paths.export),
+            "export": run.display("export"),
         }
         atomic.write_json(paths.summary, summary)
+        run.sync()
     D.barrier()
     return summary or {}

@@ -1,7 +1,8 @@
 """Run the training loop as a Ray Train `TorchTrainer` job: N workers, DDP underneath (gloo on CPU).
 
 Every worker runs `loop.train` on its rank; rank 0 writes the run directory, so with several nodes
-RUN_DIR must be on storage all of them share. The summary comes back from `RUN_DIR/summary.json`.
+RUN_DIR must be on storage all of them share, or in an object store (`s3://...`: rank 0 works in a local
+staging copy and uploads it at every checkpoint). The summary comes back from `RUN_DIR/summary.json`.
 """
 
 from __future__ import annotations
@@ -52,11 +53,14 @@ def train_with_ray(
     max_minutes: float | None = None,
 ) -> dict:
     """Train with `workers` Ray Train workers (one CPU, or one GPU, each); returns the run summary."""
+    import tempfile
+
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    run = Store(out)  # a path every node shares, or an object-store URL (rank 0 syncs its staging copy)
+    run.makedirs()
+    storage = f"{run.root}/ray" if run.local else tempfile.mkdtemp(prefix="l2c-ray-train-")  # metrics only
     started = init_ray(ray_address)
     try:
         trainer = TorchTrainer(
@@ -65,7 +69,7 @@ def train_with_ray(
                 "cfg": cfg,
                 "images": images,
                 "text_cache": Store(text_cache).url,  # absolute path or URL: workers run elsewhere
-                "out": str(out),
+                "out": run.url,
                 "resume": resume,
                 "max_steps": max_steps,
                 "max_minutes": max_minutes,
@@ -74,7 +78,7 @@ def train_with_ray(
                 num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}
             ),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(name="train-vision", storage_path=str(out / "ray")),
+            run_config=RunConfig(name="train-vision", storage_path=storage),
         )
         trainer.fit()
     finally:
@@ -82,4 +86,4 @@ def train_with_ray(
             import ray
 
             ray.shutdown()
-    return json.loads((out / "summary.json").read_text())
+    return json.loads(run.read_text("summary.json"))

@@ -579,7 +579,14 @@ def finetune_text(
     mix with an earlier run's checkpoints unless `overwrite`).
     """
     cfg.check_runnable()
-    out = Path(out)
+    from l2c.storage import Store
+
+    if not Store(out).local:
+        raise ConfigError(
+            f"--out {out}: finetune-text writes its run directory on a filesystem (every rank adds its RNG state "
+            "to each checkpoint directory); use a path every node mounts, and copy the result to object storage"
+        )
+    out = Path(Store(out).root)
     done = out / DONE
     if done.exists() and not overwrite and resume is not False:
         result = json.loads(done.read_text())

@@ -83,7 +83,7 @@ def register_train_vision(app) -> None:
         text_cache: str = typer.Option(
             ..., "--text-cache", help="Text-embedding cache from `l2c embed-captions` (a path or an s3://, gs:// URL)."
         ),
-        out: Path = typer.Option(..., "--out", help="Run directory (config, metrics, checkpoints, export)."),
+        out: str = typer.Option(..., "--out", help="Run directory (config, metrics, checkpoints, export): a path or an s3://, gs:// URL."),
         config: str = typer.Option(None, "--config", help="configs/NAME.yaml or a path."),
         resume: bool = typer.Option(
             False, "--resume", help="Continue from the run directory's latest checkpoint."

@@ -247,22 +247,55 @@ def test_resume_after_max_steps_equals_uninterrupted(classes, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
 
-def test_text_cache_on_object_store_trains_the_same(classes, s3_bucket, tmp_path):
-    """The cache uploaded to an S3 bucket: the same pairs in the same order, the same losses (data workers read it)."""
+def test_everything_on_object_store_trains_and_resumes_the_same(classes, s3_bucket, tmp_path, monkeypatch):
+    """Tars, cache and run directory in an S3 bucket: the same pairs, losses and weights as on local disk, and
+    a run stopped on one machine resumes on another (a fresh staging dir) from the stored checkpoint."""
     import fsspec
+
+    from l2c.storage import Store
 
     tars, _, _, cache = classes
     fs = fsspec.filesystem("s3")
-    for p in Path(cache).iterdir():
-        fs.put_file(str(p), f"{s3_bucket[5:]}/cache/{p.name}")
-    images = [str(t) for t in tars]
-    cfg = tiny_cfg("steps=6", "data.workers=2")
-    a = train(cfg, images, cache, tmp_path / "local", progress=False)
-    b = train(cfg, images, f"{s3_bucket}/cache", tmp_path / "s3", progress=False)
-    assert a["finished"] and b["finished"] and b["skips"] == dict.fromkeys(b["skips"], 0)
-    ma, mb = metrics(tmp_path / "local"), metrics(tmp_path / "s3")
-    assert [r["data_digest"] for r in ma] == [r["data_digest"] for r in mb]
-    np.testing.assert_allclose([r["loss"] for r in ma], [r["loss"] for r in mb], rtol=1e-5, atol=1e-6)
+    for p in [*tars, *Path(cache).iterdir()]:
+        fs.put_file(str(p), f"{s3_bucket[5:]}/{'tars' if p.suffix == '.tar' else 'cache'}/{p.name}")
+    remote_tars = [f"{s3_bucket}/tars/{t.name}" for t in tars]
+    cfg = tiny_cfg("steps=8", "checkpoint_every=2", "keep_checkpoints=2", "data.workers=2")
+    local = train(cfg, [str(t) for t in tars], cache, tmp_path / "local", progress=False)
+
+    out = f"{s3_bucket}/runs/r1"
+    monkeypatch.setenv("L2C_STAGING_DIR", str(tmp_path / "machine-a"))
+    part = train(cfg, remote_tars, f"{s3_bucket}/cache", out, max_steps=5, progress=False)
+    assert part["step"] == 5 and part["run_dir"] == out and part["export"] == f"{out}/export"
+    run = Store(out)
+    assert run.list("checkpoints") == ["step-00000004.pt", "step-00000005.pt"]  # pruned in the store too
+    assert [json.loads(x)["step"] for x in run.read_text("metrics.jsonl").splitlines()] == [1, 2, 3, 4, 5]
+    assert not run.exists("pairing-index/index.json")  # derived files stay local
+
+    monkeypatch.setenv("L2C_STAGING_DIR", str(tmp_path / "machine-b"))
+    with pytest.raises(ResumeError, match="--resume"):
+        train(cfg, remote_tars, f"{s3_bucket}/cache", out, progress=False)
+    done = train(cfg, remote_tars, f"{s3_bucket}/cache", out, resume=True, progress=False)
+    assert done["finished"] and done["resumed_from"] == 5 and done["skips"] == dict.fromkeys(done["skips"], 0)
+    remote_rows = [json.loads(x) for x in run.read_text("metrics.jsonl").splitlines()]
+    ma = metrics(tmp_path / "local")
+    assert [r["data_digest"] for r in remote_rows] == [r["data_digest"] for r in ma]
+    np.testing.assert_allclose([r["loss"] for r in remote_rows], [r["loss"] for r in ma], rtol=1e-5, atol=1e-6)
+    assert json.loads(run.read_text("summary.json"))["step"] == local["step"] == 8
+    wa = load_exported(tmp_path / "local").state_dict()
+    wb = load_exported(out).state_dict()  # fetched from the bucket
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+    # eval reads the model, the images and the cache from the bucket and gets the local figures
+    def evaluate(model, images, cache_dir, dest):
+        args = ["eval-retrieval", "--model", str(model), "--text-cache", str(cache_dir), "--out", str(dest)]
+        assert main([*args, *[a for t in images for a in ("--images", str(t))]]) == 0
+        return json.loads((dest / "eval.json").read_text())
+
+    ea = evaluate(tmp_path / "local", tars, cache, tmp_path / "eval-local")
+    eb = evaluate(out, remote_tars, f"{s3_bucket}/cache", tmp_path / "eval-s3")
+    assert ea["n_images"] == eb["n_images"] == 96
+    assert ea["image_to_text"] == eb["image_to_text"] and ea["text_to_image"] == eb["text_to_image"]
 
 
 @pytest.mark.slow
