@@ -196,6 +196,11 @@ class TextCache:
         self.settings = self.manifest.settings
 
     @property
+    def _arrow_fs(self):
+        """None (Arrow's own, faster local reader) for local caches, else the fsspec filesystem."""
+        return None if self.store.local else self.store.fs
+
+    @property
     def dir(self) -> str:
         """The cache's location: an absolute path, or the URL of an object-store prefix."""
         return self.store.url
@@ -230,7 +235,7 @@ class TextCache:
 
     def read_shard(self, name: str, columns: list[str] | None = None) -> pa.Table:
         entry = self.manifest.shards[name]
-        return pq.read_table(self.store.path(entry.file), columns=columns, filesystem=self.store.fs)
+        return pq.read_table(self.store.path(entry.file), columns=columns, filesystem=self._arrow_fs)
 
     def iter_tables(self, columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
         for name in self.shard_names:
@@ -269,7 +274,7 @@ class TextCache:
             if digest != entry.sha256:
                 problems.append(f"{name}: sha256 {digest[:12]}… differs from manifest {entry.sha256[:12]}…")
                 continue
-            pf = pq.ParquetFile(self.store.path(entry.file), filesystem=self.store.fs)
+            pf = pq.ParquetFile(self.store.path(entry.file), filesystem=self._arrow_fs)
             if pf.metadata.num_rows != entry.rows:
                 problems.append(f"{name}: {pf.metadata.num_rows} rows, manifest says {entry.rows}")
             schema = pf.schema_arrow

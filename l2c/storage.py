@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,10 +30,10 @@ class StorageError(ValueError):
 
 
 def is_url(spec: str | Path) -> bool:
-    """True for `proto://...` (also as a `Path`, which folds `//` into `/`); plain paths and `file:` are local."""
+    """True for `proto://...` (also as a `Path`, which folds `//` into `/`); plain paths, `file:` URLs and
+    `pipe:` commands are not. A one-letter scheme is a Windows drive (`C:/data`)."""
     s = str(spec)
-    head = s.split(":", 1)[0]
-    return ":" in s and "/" not in head and len(head) > 1 and not s.startswith("file:")
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", s) is not None and not s.startswith("file:")
 
 
 def normalize(spec: str | Path) -> str:

@@ -23,7 +23,9 @@ def test_locations_are_normalized(tmp_path, monkeypatch):
     assert Store(f"file://{tmp_path}/c").url == str(tmp_path / "c")
     assert normalize(Path("s3://bucket/a/b")) == "s3://bucket/a/b"  # a URL that went through a typer Path
     assert Store("gs://bucket/prefix/").url == "gs://bucket/prefix" and not Store("gs://b/p").local
-    assert [is_url(s) for s in ("s3://b", "C:/data", "runs/a:b", "file:///x", "cache")] == [True, False, False, False, False]
+    assert [is_url(s) for s in ("s3://b", "C:/data", "runs/a:b", "file:///x", "cache", "pipe:curl -s http://h/a.tar")] == [
+        True, False, False, False, False, False]  # fmt: skip
+    assert normalize("pipe:curl -s http://h/a.tar") == "pipe:curl -s http://h/a.tar"
 
 
 def test_unknown_protocol_is_a_clear_error(tmp_path):

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +35,27 @@ def write_tar(path: Path, samples: list[dict]) -> Path:
                 s["txt"] = s["txt"].encode()
             w.write(s)
     return path
+
+
+def kill_mid_job(cmd: list[str], env: dict, manifest_shards, total: int, timeout: float = 240) -> int:
+    """Start `cmd` in its own session, SIGKILL the whole group (driver and its local Ray, as a machine crash
+    would) once `manifest_shards()` counts between 1 and total - 1 finished shards; returns that count."""
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if 1 <= manifest_shards() < total:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return manifest_shards()
+
+
+def l2c_cli() -> list[str]:
+    return [sys.executable, "-m", "l2c.cli"]
 
 
 def caption_shards(root: Path, n_shards: int = 3, per_shard: int = 8) -> list[Path]:

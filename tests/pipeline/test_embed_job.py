@@ -2,10 +2,6 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,7 +11,7 @@ from l2c.cache import CacheError, TextCache, embedding_matrix
 from l2c.cli import main
 from l2c.pipeline.embed_job import EmbedConfig, run_embed
 from l2c.pipeline.encoder import TextEncoder
-from tests.pipeline.conftest import caption_shards, write_tar
+from tests.pipeline.conftest import caption_shards, kill_mid_job, l2c_cli, write_tar
 
 FIELDS = ["txt", "json:long_caption"]
 
@@ -118,22 +114,11 @@ def test_kill_9_mid_job_then_rerun_equals_uninterrupted(ray_local, tmp_path, min
     embed(shards, ref, model=str(minilm_path))
 
     out = tmp_path / "crashed"
-    cmd = [sys.executable, "-m", "l2c.cli", "embed-captions", *map(str, shards), "--out", str(out),
+    cmd = [*l2c_cli(), "embed-captions", *map(str, shards), "--out", str(out),
            "--model", str(minilm_path), "-f", "txt", "-f", "json:long_caption", "--no-progress"]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            m = out / "manifest.json"
-            if m.exists() and 1 <= len(json.loads(m.read_text())["shards"]) < 5:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the job ended before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # driver and its local Ray, as a machine crash would
-        proc.wait()
-    n_done = len(json.loads((out / "manifest.json").read_text())["shards"])
+    m = out / "manifest.json"
+    n_done = kill_mid_job(cmd, {**os.environ, "RAY_ADDRESS": ""},
+                          lambda: len(json.loads(m.read_text())["shards"]) if m.exists() else 0, total=5)  # fmt: skip
     assert 1 <= n_done < 5
     s = embed(shards, out, model=str(minilm_path))
     assert s["shards_skipped"] == n_done and s["shards_written"] == 5 - n_done

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 
 import fsspec
 import pyarrow.parquet as pq
@@ -20,13 +17,13 @@ import pytest
 from l2c.cache import TextCache
 from l2c.pipeline.embed_job import EmbedConfig, run_embed
 from l2c.storage import Store
-from tests.pipeline.conftest import caption_shards
+from tests.pipeline.conftest import caption_shards, kill_mid_job, l2c_cli
 
 FIELDS = ["-f", "txt", "-f", "json:long_caption"]
 
 
 def cli_embed(src: str, out: str, model) -> list[str]:
-    return [sys.executable, "-m", "l2c.cli", "embed-captions", src, "--out", out, "--model", str(model), *FIELDS,
+    return [*l2c_cli(), "embed-captions", src, "--out", out, "--model", str(model), *FIELDS,
             "--no-progress"]  # fmt: skip
 
 
@@ -48,21 +45,12 @@ def test_s3_sources_and_cache_survive_a_kill(ray_local, s3_server, s3_bucket, tm
         fs.put_file(str(p), f"{s3_bucket[5:]}/src/{p.name}")
     src, out = f"{s3_bucket}/src/shard-{{000..004}}.tar", f"{s3_bucket}/cache"
     env = {**os.environ, **s3_server, "RAY_ADDRESS": "", "COLUMNS": "200"}
-    proc = subprocess.Popen(cli_embed(src, out, minilm_path), start_new_session=True, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     store = Store(out)
-    n_done, deadline = 0, time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if store.exists("manifest.json"):
-                n_done = len(json.loads(store.read_text("manifest.json"))["shards"])
-                if 1 <= n_done < 5:
-                    break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the job ended before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # driver and its local Ray, as a machine crash would
-        proc.wait()
+
+    def shards_done() -> int:
+        return len(json.loads(store.read_text("manifest.json"))["shards"]) if store.exists("manifest.json") else 0
+
+    kill_mid_job(cli_embed(src, out, minilm_path), env, shards_done, total=5)
     recorded = json.loads(store.read_text("manifest.json"))["shards"]
     assert 1 <= len(recorded) < 5
     before = shard_objects(fs, out)

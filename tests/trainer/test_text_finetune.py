@@ -170,7 +170,7 @@ def test_cli_rerun_and_refusals(tiny_llama, small_data, tmp_path):
     assert main([*args, "--overwrite"]) == 0
     assert len(train_losses(out)) == 2
     with pytest.raises(ConfigError, match="every node mounts"):
-        main([*args[:5], "s3://bucket/run", *args[6:]])  # object-store run dirs: train-vision only
+        main([*args[:6], "s3://bucket/run", *args[7:]])  # object-store run dirs: train-vision only
 
 
 @pytest.mark.slow
