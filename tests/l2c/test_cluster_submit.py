@@ -154,3 +154,17 @@ def assert_equals_single_process(cache, shards):
         assert table["n_tokens"].to_pylist() == [len(x) for x in enc.captions(texts).ids]
     assert cache.settings["model"] == "minilm" and cache.settings["store_dtype"] == "float32"
 
+
+
+def test_job_writes_its_cache_to_an_object_store(cluster, submit_args, s3_server, s3_bucket, tmp_path, capsys):
+    """Credentials and endpoint travel in the job's runtime env (`--env`); the cache lands in the bucket."""
+    shards = caption_shards(tmp_path / "src", n_shards=3, per_shard=8)
+    out = f"{s3_bucket}/cache"
+    env = [a for k, v in s3_server.items() for a in ("--env", f"{k}={v}")]
+    cmd = embed_cmd(shards, tmp_path / "unused")
+    cmd[cmd.index("--out") + 1] = out
+    assert main(submit_args + env + cmd) == 0
+    assert "3 / 0 / 3" in capsys.readouterr().out  # written / skipped / total
+    cache = TextCache(out)
+    assert cache.validate() == [] and cache.dir == out
+    assert_equals_single_process(cache, shards)
