@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from l2c.storage import StorageError, Store, as_store
+from l2c.storage import StorageError, Store, as_store, open_store
 
 FORMAT_NAME = "l2c-text-cache"
 FORMAT_VERSION = 1
@@ -165,15 +165,16 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: str | Path | Store) -> Manifest:
-        store = _open_store(directory)
+        store = open_cache_store(directory)
         if not store.exists(MANIFEST):
             raise CacheError(f"{store} has no {MANIFEST}: not a text cache (run `l2c embed-captions`)")
         return cls.from_dict(json.loads(store.read_text(MANIFEST)))
 
 
-def _open_store(spec: str | Path | Store) -> Store:
+def open_cache_store(spec: str | Path | Store) -> Store:
+    """The cache's location, opened; a bad URL or a missing fsspec package is a `CacheError`."""
     try:
-        return as_store(spec)
+        return open_store(spec)
     except StorageError as e:
         raise CacheError(str(e)) from e
 
@@ -188,11 +189,8 @@ class TextCache:
     """
 
     def __init__(self, directory: str | Path | Store):
-        self.store = _open_store(directory)
-        try:
-            self.manifest = Manifest.load(self.store)
-        except StorageError as e:
-            raise CacheError(str(e)) from e
+        self.store = open_cache_store(directory)
+        self.manifest = Manifest.load(self.store)
         self.settings = self.manifest.settings
 
     @property

@@ -49,6 +49,22 @@ def normalize(spec: str | Path) -> str:
     return s
 
 
+def glob_urls(pattern: str) -> list[str]:
+    """The files matching a glob, sorted: local paths for a local pattern, full URLs for an object-store one."""
+    import fsspec
+
+    fs, _, hits = fsspec.get_fs_token_paths(pattern)
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return [h if proto in ("file", "local") else f"{proto}://{h}" for h in sorted(hits)]
+
+
+def open_store(spec: str | Path) -> Store:
+    """A `Store` whose filesystem is opened now, so a bad URL or a missing fsspec package fails here."""
+    store = as_store(spec)
+    _ = store.fs
+    return store
+
+
 class Store:
     """A directory-like location; paths given to its methods are relative to it (`"rejected/shard-000.jsonl"`)."""
 
@@ -149,11 +165,15 @@ class Store:
         shutil.rmtree(dest, ignore_errors=True)
         src = self.path(rel)
         self.fs.invalidate_cache(src)
-        for path in self.fs.find(src):
-            target = dest / path[len(src) :].lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(path, str(target))
+        self.download([p[len(src) :].lstrip("/") for p in self.fs.find(src)], dest, rel)
         return dest
+
+    def download(self, rels: list[str], dest: Path, under: str = "") -> None:
+        """Copy the files `rels` (relative to `under` in the store) to the same relative paths below `dest`."""
+        for rel in rels:
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(self.path(f"{under}/{rel}" if under else rel), str(target))
 
     # ------------------------------------------------------------------ writing (atomic)
     def makedirs(self, rel: str = "") -> None:
@@ -224,7 +244,7 @@ class RunDir:
         self.store = Store(spec)
         self.exclude = exclude
         self._sent: dict[str, tuple[int, int]] = {}  # uploaded (or pulled): rel -> (size, mtime_ns)
-        self._stored_ckpts: set[str] = set()
+        self._stored: set[str] = set()  # files the store holds, as far as this copy knows
         if self.store.local:
             self.local = Path(self.store.root)
         else:
@@ -236,7 +256,7 @@ class RunDir:
         return not self.store.local
 
     def display(self, rel: str = "") -> str:
-        return self.store.display(rel) if self.remote else str(self.local / rel) if rel else str(self.local)
+        return self.store.display(rel) if self.remote else str(self.local / rel)
 
     def _remote_files(self) -> dict[str, int]:
         fs, root = self.store.fs, self.store.path()
@@ -269,11 +289,9 @@ class RunDir:
         files = self._remote_files()
         ckpts = sorted(f for f in files if f.startswith(self.CHECKPOINTS))
         wanted = [f for f in files if not f.startswith(self.CHECKPOINTS)] + ckpts[-1:]
-        for rel in wanted:
-            (self.local / rel).parent.mkdir(parents=True, exist_ok=True)
-            self.store.fs.get_file(self.store.path(rel), str(self.local / rel))
-        self._sent = {rel: st for rel, st in self._local_files().items()}
-        self._stored_ckpts = set(ckpts)
+        self.store.download(wanted, self.local)
+        self._sent = self._local_files()
+        self._stored = set(files)
         return len(wanted)
 
     def sync(self) -> int:
@@ -286,9 +304,8 @@ class RunDir:
         for rel in changed:
             self.store.fs.put_file(str(self.local / rel), self.store.path(rel))
             self._sent[rel] = now[rel]
-        stored = self._stored_ckpts | {r for r in self._sent if r.startswith(self.CHECKPOINTS)}
-        for rel in sorted(r for r in stored if r not in now):  # pruned locally: prune in the store too
+        for rel in sorted(self._stored - set(now)):  # gone locally (pruned checkpoints): gone in the store too
             self.store.remove(rel)
             self._sent.pop(rel, None)
-        self._stored_ckpts = {r for r in now if r.startswith(self.CHECKPOINTS)}
+        self._stored = set(now)
         return len(changed)

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from l2c.cache import MANIFEST, REJECTED, REJECTED_DIR, CacheError, Manifest, ShardEntry
+from l2c.cache import MANIFEST, REJECTED, REJECTED_DIR, CacheError, Manifest, ShardEntry, open_cache_store
 from l2c.ray_utils import valid_resources
-from l2c.storage import StorageError, Store
+from l2c.storage import Store
 
 # Settings that must match for a rerun to add to an existing cache.
 IDENTITY_KEYS = ("model_fingerprint", "engine", "pooling", "normalize", "max_length", "dtype", "store_dtype",
@@ -306,11 +306,8 @@ def run_embed(cfg: EmbedConfig) -> dict:
     if not sources:
         raise ValueError("no sources given")
     names = shard_names(sources)
-    try:
-        out = Store(cfg.out)
-        out.makedirs()
-    except StorageError as e:
-        raise CacheError(str(e)) from e
+    out = open_cache_store(cfg.out)
+    out.makedirs()
     out.remove_stale_tmp()
     out.remove_stale_tmp(REJECTED_DIR)
 

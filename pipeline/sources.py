@@ -18,7 +18,8 @@ from pathlib import Path
 
 import braceexpand
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
+
+from l2c.storage import glob_urls, normalize
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -34,15 +35,12 @@ def expand_sources(specs: list[str]) -> list[str]:
     out: list[str] = []
     for spec in specs:
         for item in braceexpand.braceexpand(str(spec)):
-            if item.startswith("file:"):  # a file:// URL is a local path (recorded as one, so reruns match)
-                item = LocalFileSystem._strip_protocol(item)
+            item = normalize(item)  # a file:// URL is a local path (recorded as one, so reruns match)
             if any(ch in item for ch in "*?["):
-                fs, _, paths = fsspec.get_fs_token_paths(item)
-                matches = sorted(paths)
+                matches = glob_urls(item)
                 if not matches:
                     raise SourceError(f"no file matches {item!r}")
-                proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-                out += [m if proto in ("file", "local") else f"{proto}://{m}" for m in matches]
+                out += matches
             else:
                 out.append(item)
     seen, unique = set(), []

@@ -44,7 +44,7 @@ def expand_shards(spec: str | Path | list) -> list[str]:
     `pipe:` commands and fsspec URLs (`s3://bucket/tars/*.tar` too), `::`-separated or a list."""
     import webdataset as wds
 
-    from l2c.storage import is_url, normalize
+    from l2c.storage import glob_urls, is_url, normalize
 
     items = spec if isinstance(spec, (list, tuple)) else [spec]
     out: list[str] = []
@@ -53,13 +53,10 @@ def expand_shards(spec: str | Path | list) -> list[str]:
             if url.startswith("pipe:") or is_url(url) and not any(c in url for c in "*?["):
                 out.append(url)
             elif is_url(url):
-                import fsspec
-
-                fs, _, hits = fsspec.get_fs_token_paths(url)
+                hits = glob_urls(url)
                 if not hits:
                     raise FileNotFoundError(f"no shards match {url!r}")
-                proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-                out += [f"{proto}://{h}" for h in sorted(hits)]
+                out += hits
             elif any(c in url for c in "*?["):
                 hits = sorted(glob.glob(url))
                 if not hits:
