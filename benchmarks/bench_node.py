@@ -160,8 +160,8 @@ def bench_object_store(rows: int) -> dict:
 def bench_images(n_reps: int) -> dict:
     import torch
 
-    from l2c.trainer.transforms import decode_image, train_transform
-    from l2c.trainer.vision import ImageSpec
+    from l2c.trainer.vision.tower import ImageSpec
+    from l2c.trainer.vision.transforms import decode_image, train_transform
 
     photos = sorted((SHARED / "coco_mini_val2017").glob("*.jpg"))
     blobs = [p.read_bytes() for p in photos]

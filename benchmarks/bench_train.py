@@ -71,12 +71,13 @@ def step_fn(model, opt, loss_fn):
 
 
 def run_cached(cfg, shards, cache, work: Path, steps: int) -> dict:
-    from l2c.trainer.loop import train
+    from l2c.trainer.job import TrainJob
+    from l2c.trainer.vision.loop import train
 
     run = work / "run-cached"
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
-    summary = train(cfg, shards, cache, run, progress=False)
+    summary = train(TrainJob(cfg, shards, cache, run, progress=False))
     total = time.perf_counter() - t0
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steady = rows[len(rows) // 4 :]  # the first quarter warms up the workers
@@ -89,11 +90,11 @@ def run_in_loop(cfg, shards, cache, captions: dict, steps: int) -> dict:
     """The same stream; the text vectors come from MiniLM run on the batch's captions at every step."""
     from l2c.cache import TextCache
     from l2c.pipeline.encoder import TextEncoder
-    from l2c.trainer.data import StreamSpec, make_loader
-    from l2c.trainer.loop import build_model
-    from l2c.trainer.loss import make_loss
-    from l2c.trainer.optim import make_optimizer
-    from l2c.trainer.pairing import plan_pairing
+    from l2c.trainer.vision.data import StreamSpec, make_loader
+    from l2c.trainer.vision.loop import build_model
+    from l2c.trainer.vision.loss import make_loss
+    from l2c.trainer.vision.optim import make_optimizer
+    from l2c.trainer.vision.pairing import plan_pairing
 
     tc = TextCache(cache)
     model, _ = build_model(cfg, tc.dim)
@@ -125,9 +126,9 @@ def run_in_loop(cfg, shards, cache, captions: dict, steps: int) -> dict:
 
 
 def run_compute(cfg, dim: int, steps: int) -> dict:
-    from l2c.trainer.loop import build_model
-    from l2c.trainer.loss import make_loss
-    from l2c.trainer.optim import make_optimizer
+    from l2c.trainer.vision.loop import build_model
+    from l2c.trainer.vision.loss import make_loss
+    from l2c.trainer.vision.optim import make_optimizer
 
     model, _ = build_model(cfg, dim)
     step = step_fn(model, make_optimizer(model, cfg.optim), make_loss("clip", False))
@@ -159,7 +160,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from l2c.cache import TextCache
     from l2c.config import load_config
-    from l2c.trainer.config import TrainConfig
+    from l2c.trainer.vision.config import TrainConfig
 
     work = args.out / "train"
     shards, cache, captions = prepare(work, args.n)

@@ -22,7 +22,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 def expand_shards(specs: list[str] | str) -> list[str]:
     """Image tars as `train-vision` finds them: files, directories, globs, brace ranges, fsspec URLs."""
-    from l2c.trainer.data import expand_shards as expand
+    from l2c.trainer.vision.data import expand_shards as expand
 
     try:
         return expand(specs)
@@ -51,7 +51,7 @@ def iter_samples(shards: list[str]) -> Iterator[dict]:
 
     Read with the trainer's reader (local paths, `pipe:`, fsspec URLs); an unreadable or damaged tar is an
     error naming it: evaluating on part of a test set would report figures of another set."""
-    from l2c.trainer.data import read_tar
+    from l2c.trainer.vision.data import read_tar
 
     for url in shards:
         errors: list[str] = []

@@ -23,7 +23,7 @@ def resolve_device(device: str = "auto") -> str:
 
 def load_model(path: str | Path, device: str = "cpu"):
     """An exported model (RUN_DIR or RUN_DIR/export) in eval mode, with `.meta`."""
-    from l2c.trainer.export import load_exported
+    from l2c.trainer.vision.export import load_exported
 
     try:
         return load_exported(path, device=device)

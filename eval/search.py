@@ -14,11 +14,13 @@ from typing import Literal
 
 import numpy as np
 
+from l2c.errors import L2CError
+
 Backend = Literal["auto", "faiss", "faiss-gpu", "numpy"]
 NUMPY_BLOCK_BYTES = 256 << 20  # score block of the numpy backend: batch x gallery float32
 
 
-class SearchError(ValueError):
+class SearchError(L2CError, ValueError):
     """Query and gallery that cannot be searched together (shape, dtype, k)."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from l2c.errors import L2CError
 from l2c.storage import StorageError, Store, as_store, open_store
 
 FORMAT_NAME = "l2c-text-cache"
@@ -35,7 +36,7 @@ COLUMNS = ("key", "field", "embedding", "n_tokens", "truncated")
 STORE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 
-class CacheError(ValueError):
+class CacheError(L2CError, ValueError):
     """A cache that is missing, damaged, or does not match what the caller expects."""
 
 

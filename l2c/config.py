@@ -10,11 +10,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from l2c.errors import L2CError
+
 T = TypeVar("T")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(L2CError, ValueError):
     """A config file or override that does not fit the config's dataclass."""
 
 

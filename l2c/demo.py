@@ -29,12 +29,13 @@ from rich.console import Console
 from rich.table import Table
 
 from l2c import atomic
+from l2c.errors import JobFailed
 
 console = Console()
 FIELDS = ("txt", "json:long_caption")
 
 
-class StageError(RuntimeError):
+class StageError(JobFailed):
     """A stage ran but did not leave complete output."""
 
 
@@ -90,7 +91,7 @@ def shards(s: DemoSettings, split: str) -> list[str]:
 
 
 def data_done(s: DemoSettings) -> bool:
-    from l2c.trainer.demo_data import DemoDataConfig, is_complete
+    from l2c.data.demo_data import DemoDataConfig, is_complete
 
     return is_complete(s.data, DemoDataConfig(n=s.n, val_n=s.val_n, image_size=s.image_size, seed=s.seed))
 

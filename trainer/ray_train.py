@@ -1,89 +1,54 @@
-"""Run the training loop as a Ray Train `TorchTrainer` job: N workers, DDP underneath (gloo on CPU).
+"""The one Ray Train launcher of both trainers: N `TorchTrainer` workers, DDP underneath (gloo on CPU).
 
-Every worker runs `loop.train` on its rank; rank 0 writes the run directory, so with several nodes
-RUN_DIR must be on storage all of them share, or in an object store (`s3://...`: rank 0 works in a local
-staging copy and uploads it at every checkpoint). The summary comes back from `RUN_DIR/summary.json`.
+Every worker runs the trainer's worker function on its rank, with the device Ray Train gives it; rank 0
+writes the run directory, so with several nodes it must be on storage all of them share (train-vision also
+takes an object-store URL: rank 0 works in a local staging copy and uploads it at every checkpoint).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from collections.abc import Callable
 
 from l2c.ray_utils import init_ray
-from l2c.storage import Store
-from l2c.trainer.config import TrainConfig
 
 
-def _worker_loop(args: dict) -> None:
-    import ray.train
+def _entry(args: dict) -> None:
     import ray.train.torch
 
-    from l2c.trainer.loop import train
-
-    device = ray.train.torch.get_device()
-
-    def report(row: dict) -> None:
-        ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
-
-    train(
-        args["cfg"],
-        args["images"],
-        args["text_cache"],
-        args["out"],
-        resume=args["resume"],
-        max_steps=args["max_steps"],
-        max_minutes=args["max_minutes"],
-        device=device,
-        progress=False,
-        report=report,
-    )
+    worker = args.pop("_worker")
+    worker({**args, "device": str(ray.train.torch.get_device())})
 
 
-def train_with_ray(
-    cfg: TrainConfig,
-    images: str | list[str],
-    text_cache: str | Path,
-    out: str | Path,
+def launch(
+    worker: Callable[[dict], None],
+    args: dict,
+    *,
+    name: str,
     workers: int,
-    ray_address: str | None = None,
+    storage: str,
     use_gpu: bool = False,
-    resume: bool = False,
-    max_steps: int | None = None,
-    max_minutes: float | None = None,
-) -> dict:
-    """Train with `workers` Ray Train workers (one CPU, or one GPU, each); returns the run summary."""
-    import tempfile
+    cpus_per_worker: float = 1,
+    ray_address: str | None = None,
+) -> None:
+    """Run `worker(args | {"device": ...})` on `workers` Ray Train workers and wait for all of them.
 
+    Joins the cluster at `ray_address` (or RAY_ADDRESS), else starts a private local Ray and stops it after.
+    """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    run = Store(out)  # a path every node shares, or an object-store URL (rank 0 syncs its staging copy)
-    run.makedirs()
-    storage = f"{run.root}/ray" if run.local else tempfile.mkdtemp(prefix="l2c-ray-train-")  # metrics only
     started = init_ray(ray_address)
     try:
-        trainer = TorchTrainer(
-            _worker_loop,
-            train_loop_config={
-                "cfg": cfg,
-                "images": images,
-                "text_cache": Store(text_cache).url,  # absolute path or URL: workers run elsewhere
-                "out": run.url,
-                "resume": resume,
-                "max_steps": max_steps,
-                "max_minutes": max_minutes,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}
-            ),
+        resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        TorchTrainer(
+            _entry,
+            train_loop_config={**args, "_worker": worker},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(name="train-vision", storage_path=storage),
-        )
-        trainer.fit()
+            run_config=RunConfig(name=name, storage_path=storage),
+        ).fit()
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    return json.loads(run.read_text("summary.json"))

@@ -86,10 +86,10 @@ def export_tiny_model(
     """A real exported model (random tiny ViT + adapter) under `run_dir/export`, trained on a cache with `settings`."""
     import torch
 
-    from l2c.trainer.config import VisionConfig
-    from l2c.trainer.export import export_model
-    from l2c.trainer.model import L2CModel
-    from l2c.trainer.vision import build_vision_tower
+    from l2c.trainer.vision.config import VisionConfig
+    from l2c.trainer.vision.export import export_model
+    from l2c.trainer.vision.model import L2CModel
+    from l2c.trainer.vision.tower import build_vision_tower
 
     torch.manual_seed(seed)
     tower, spec, proc = build_vision_tower(VisionConfig(config=dict(TINY_VIT)))
@@ -103,7 +103,7 @@ def features_by_hand(export_dir: Path, shard_paths: list[Path]):
 
     import torch
 
-    from l2c.trainer.export import load_exported
+    from l2c.trainer.vision.export import load_exported
 
     m = load_exported(export_dir)
     keys, feats = [], []

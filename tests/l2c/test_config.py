@@ -50,8 +50,8 @@ def test_every_shipped_yaml_is_claimed_by_a_loader_and_valid():
     from l2c.cluster import load_resources, load_runtime_env
     from l2c.config import CONFIG_DIR
     from l2c.scaling import ScalingConfig
-    from l2c.trainer.config import TrainConfig
-    from l2c.trainer.text_config import FinetuneTextConfig
+    from l2c.trainer.text.config import FinetuneTextConfig
+    from l2c.trainer.vision.config import TrainConfig
 
     loaders = {
         "demo.yaml": lambda p: load_config(TrainConfig, p),

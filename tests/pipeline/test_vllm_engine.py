@@ -30,7 +30,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def llama32(tmp_path_factory):
     """A tiny random bidirectional-capable Llama with head size 32 (vLLM's CPU kernel has no 16)."""
-    from l2c.trainer.tiny_models import make_tiny_llama
+    from tests.tiny_models import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("llama32"), num_heads=2, num_kv_heads=1)
 

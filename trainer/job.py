@@ -1,0 +1,30 @@
+"""`TrainJob`: what one train-vision invocation is asked to do, passed whole instead of positional lists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from l2c.trainer.vision.config import TrainConfig
+
+
+@dataclass
+class TrainJob:
+    """A vision training run: config, inputs, run directory, and how far and where this invocation goes.
+
+    `max_steps` / `max_minutes` stop this invocation early (a checkpoint is written, `resume=True` goes on);
+    `cfg.steps` is the length of the schedule. `workers` > 0 runs that many Ray Train workers.
+    """
+
+    cfg: TrainConfig
+    images: str | list[str]
+    text_cache: str | Path
+    out: str | Path
+    resume: bool = False
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    workers: int = 0
+    ray_address: str | None = None
+    use_gpu: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,117 @@
+"""`l2c finetune-text`: caption-contrastive fine-tuning of a text encoder (LLM2CLIP stage 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+class StepProgress:
+    """A rich progress bar over training records: step, loss, pairs/s, ETA (one task per stage)."""
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[rate]:.1f} {task.fields[unit]}/s"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.tasks: dict[str, int] = {}
+        self.smoothed: dict[str, float] = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def __call__(self, rec: dict) -> None:
+        stage = rec["stage"]
+        unit = "pairs" if stage == "contrastive" else "seqs"
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(
+                stage, total=rec["total"], completed=rec["step"] - 1, loss=rec["loss"], rate=0.0, unit=unit
+            )
+        n = rec.get("pairs", 0) or rec.get("targets", 0)
+        rate = n / rec["step_s"] if rec["step_s"] > 0 and stage == "contrastive" else 1 / max(rec["step_s"], 1e-9)
+        s = self.smoothed.get(stage)
+        self.smoothed[stage] = rate if s is None else 0.9 * s + 0.1 * rate
+        self.progress.update(
+            self.tasks[stage], completed=rec["step"], loss=rec["loss"], rate=self.smoothed[stage], unit=unit
+        )
+
+
+def result_table(result: dict, out: Path):
+    from rich.table import Table
+
+    t = Table(title=f"finetune-text → {out}", show_lines=False)
+    t.add_column("eval set")
+    t.add_column("images", justify="right")
+    t.add_column("CRA@1 before", justify="right")
+    t.add_column("CRA@1 after", justify="right")
+    t.add_column("CRA@5 before", justify="right")
+    t.add_column("CRA@5 after", justify="right")
+    for name, r in result.get("cra", {}).items():
+        b, a = r["before"], r["after"]
+        t.add_row(name, str(a["n"]), f"{b['cra_top1']:.2f}", f"{a['cra_top1']:.2f}", f"{b['cra_top5']:.2f}",
+                  f"{a['cra_top5']:.2f}")  # fmt: skip
+    return t
+
+
+def finetune_text_command(
+    model: str = typer.Option(None, "--model", help="Model directory or `minilm` (overrides model.path)."),
+    pairs: list[str] = typer.Option(None, "--pairs", help="Captions JSONL/Parquet, a directory, or a text cache."),
+    out: Path = typer.Option(..., "--out", help="Output directory (checkpoints, metrics, model/)."),
+    config: str = typer.Option(None, "--config", help="configs/NAME.yaml or a path."),
+    eval_captions: list[str] = typer.Option(None, "--eval-captions", help="Captions file(s) for CRA during training."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Contrastive steps (schedule length)."),
+    max_minutes: float = typer.Option(None, "--max-minutes", help="Stop with a checkpoint after this wall time."),
+    num_workers: int = typer.Option(None, "--num-workers", help="Ray Train workers (0: this process)."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Join this Ray cluster."),
+    resume: bool = typer.Option(None, "--resume/--no-resume", help="Default: resume when OUT has a checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard OUT's checkpoints and outputs first."),
+    overrides: list[str] = typer.Argument(None, help="Config overrides: section.key=value ..."),
+) -> None:
+    """Fine-tune a text encoder with a caption-contrastive loss (LLM2CLIP stage 1); writes OUT/model/."""
+    from rich.console import Console
+
+    from l2c.config import load_config
+    from l2c.trainer.text.config import FinetuneTextConfig
+    from l2c.trainer.text.finetune import finetune_text
+
+    ovr = list(overrides or [])
+    for key, value in (("model.path", model), ("train.max_steps", max_steps), ("train.max_minutes", max_minutes),
+                       ("dist.num_workers", num_workers), ("dist.ray_address", ray_address)):  # fmt: skip
+        if value is not None:
+            ovr.append(f"{key}={value}")
+    cfg = load_config(FinetuneTextConfig, config, ovr)
+    if pairs:
+        cfg.data.pairs = [str(p) for p in pairs]
+    if eval_captions:
+        cfg.eval.captions = [str(p) for p in eval_captions]
+    console = Console(stderr=True)
+    with StepProgress(console) as progress:
+        result = finetune_text(cfg, out, resume=resume, overwrite=overwrite, on_step=progress)
+    console.print(result_table(result, out))
+    if result.get("already_finished"):
+        console.print(f"[yellow]{out} already holds a finished run of {result['total_steps']} steps[/]")
+    if not result.get("complete"):
+        console.print(
+            f"[yellow]stopped ({result['stopped_by']}) at step {result['steps']} of {result['total_steps']}; "
+            "rerun the same command to resume[/]"
+        )
+    if result.get("finished"):
+        console.print(f"model: {result['model']}  (load with --model {result['model']})")
+    console.print(f"loss {result['first_loss']} → {result['final_loss']}; plots: {result['plots']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("finetune-text")(finetune_text_command)

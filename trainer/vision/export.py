@@ -1,0 +1,144 @@
+"""Export a trained model to `RUN_DIR/export/` and load it back (the contract eval builds on).
+
+Layout::
+
+    export/vision/               the tower (`save_pretrained`; plain `AutoModel.from_pretrained` loads it)
+                                 plus its image processor
+    export/heads.safetensors     visual projection, text adapter, logit scale (and SigLIP bias)
+    export/l2c_model.json        format, shapes, image preprocessing, text-cache fingerprint and settings
+
+>>> m = load_exported("runs/demo")                 # RUN_DIR or RUN_DIR/export
+>>> x = torch.stack([m.preprocess(img) for img in images])
+>>> img_emb, txt_emb = m.encode_image(x), m.encode_text(cached_vectors)   # both L2-normalised
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from l2c import atomic
+from l2c.trainer.vision.model import L2CModel
+from l2c.trainer.vision.tower import ImageSpec
+from l2c.trainer.vision.transforms import eval_transform
+
+FORMAT = "l2c-model"
+VERSION = 1
+META = "l2c_model.json"
+HEADS = "heads.safetensors"
+
+
+def export_model(
+    model: L2CModel,
+    out_dir: str | Path,
+    processor=None,
+    cache_settings: dict | None = None,
+    text_fields: list[str] | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write `out_dir` (replacing an older export only once the new one is complete); returns it."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.tower.save_pretrained(tmp / "vision")
+    if processor is not None:
+        processor.save_pretrained(tmp / "vision")
+    heads = {k: v.detach().float().cpu().contiguous() for k, v in model.head_state_dict().items()}
+    save_file(heads, str(tmp / HEADS))
+    spec = model.image_spec
+    settings = dict(cache_settings or {})
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "vision_model_type": model.tower.config.model_type,
+        "image_size": spec.image_size,
+        "image_mean": list(spec.image_mean),
+        "image_std": list(spec.image_std),
+        "image_resize": spec.resize,
+        "image_crop": spec.crop,
+        "text_dim": model.text_dim,
+        "embed_dim": model.embed_dim,
+        "adapter": dict(model.adapter_shape),
+        "logit_scale": float(model.scale().detach()),
+        "logit_scale_max": model.logit_scale_max,
+        "logit_bias": float(model.logit_bias.detach()) if model.logit_bias is not None else None,
+        "text_cache_fingerprint": settings.get("model_fingerprint", ""),
+        "text_encoder": settings,
+        "text_fields": list(text_fields if text_fields is not None else settings.get("fields", [])),
+        **(extra or {}),
+    }
+    atomic.write_json(tmp / META, meta)
+    old = out_dir.with_name(f".old-{out_dir.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+class ExportedModel(L2CModel):
+    """An `L2CModel` loaded from an export, with `meta` and the eval `preprocess` transform."""
+
+    meta: dict
+
+    def preprocess(self, image) -> torch.Tensor:
+        """PIL image -> normalised [3, H, W] tensor (resize, center crop, normalise)."""
+        return eval_transform(image.convert("RGB"), self.image_spec)
+
+
+def find_export(path: str | Path) -> Path:
+    """The export directory of RUN_DIR or RUN_DIR/export; from an object store, a fetched local copy."""
+    from l2c.storage import Store, is_url
+
+    if is_url(path):
+        store = Store(path)
+        for rel in ("", "export"):
+            if store.exists(f"{rel}/{META}" if rel else META):
+                return store.fetch(rel)
+        raise FileNotFoundError(f"{store} holds no exported l2c model ({META} not found in it or in export/)")
+    p = Path(path)
+    for cand in (p, p / "export"):
+        if (cand / META).exists():
+            return cand
+    raise FileNotFoundError(f"{path} holds no exported l2c model ({META} not found in it or in export/)")
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> ExportedModel:
+    """Load an export (RUN_DIR or RUN_DIR/export) as an eval-mode module on `device`."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    root = find_export(path)
+    meta = json.loads((root / META).read_text())
+    if meta.get("format") != FORMAT or int(meta.get("version", -1)) > VERSION:
+        raise ValueError(
+            f"{root / META}: not an l2c model export this version reads ({meta.get('format')!r})"
+        )
+    tower = AutoModel.from_pretrained(root / "vision")
+    resize = meta.get("image_resize", meta["image_size"])
+    crop = meta.get("image_crop", [meta["image_size"], meta["image_size"]])
+    spec = ImageSpec(resize, crop, list(meta["image_mean"]), list(meta["image_std"]))
+    model = ExportedModel(
+        tower,
+        spec,
+        text_dim=int(meta["text_dim"]),
+        embed_dim=int(meta["embed_dim"]),
+        n_blocks=int(meta["adapter"]["n_blocks"]),
+        expansion=int(meta["adapter"]["expansion"]),
+        logit_scale_max=float(meta.get("logit_scale_max", 100.0)),
+        logit_bias_init=meta.get("logit_bias"),
+    )
+    heads = load_file(str(root / HEADS))
+    missing, unexpected = model.load_state_dict(heads, strict=False)
+    missing = [k for k in missing if not k.startswith("tower.")]
+    if missing or unexpected:
+        raise ValueError(f"{root / HEADS} does not fit the model: missing {missing}, unexpected {unexpected}")
+    model.meta = meta
+    return model.to(device).eval()

@@ -1,0 +1,492 @@
+"""The training loop behind `l2c train-vision`: one process, or one rank of a DDP job (Ray Train, torchrun).
+
+`train(job)` reads as four steps: `setup` (cache, model, optimiser), `resume` (a checkpoint's state),
+`train_step` (one optimiser step), `finish` (skip report, curves, export, summary).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from l2c import atomic
+from l2c.cache import CacheError, TextCache
+from l2c.config import dump_config, to_dict
+from l2c.errors import L2CError
+from l2c.storage import RunDir, Store
+from l2c.trainer import distributed as D
+from l2c.trainer.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from l2c.trainer.job import TrainJob
+from l2c.trainer.plots import plot_metrics
+from l2c.trainer.runlog import RunLog
+from l2c.trainer.schedule import make_scheduler
+from l2c.trainer.vision.config import TrainConfig
+from l2c.trainer.vision.data import SKIP_KINDS, StreamSpec, expand_shards, make_loader
+from l2c.trainer.vision.export import export_model
+from l2c.trainer.vision.loss import make_loss
+from l2c.trainer.vision.model import L2CModel
+from l2c.trainer.vision.optim import make_optimizer
+from l2c.trainer.vision.pairing import plan_pairing, used_fields
+from l2c.trainer.vision.tower import build_vision_tower, freeze_first_blocks
+
+MAX_EXAMPLES = 20
+
+
+class ResumeError(L2CError):
+    """A run directory that cannot be resumed with the given inputs."""
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def plot(self) -> Path:
+        return self.root / "curves.png"
+
+    @property
+    def skips(self) -> Path:
+        return self.root / "data_skips.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "pairing-index"
+
+
+def build_model(cfg: TrainConfig, text_dim: int) -> tuple[L2CModel, object]:
+    tower, spec, processor = build_vision_tower(cfg.model.vision)
+    model = L2CModel(
+        tower,
+        spec,
+        text_dim=text_dim,
+        embed_dim=cfg.model.embed_dim,
+        n_blocks=cfg.model.adapter.n_blocks,
+        expansion=cfg.model.adapter.expansion,
+        logit_scale_init=cfg.model.logit_scale_init,
+        logit_scale_max=cfg.model.logit_scale_max,
+        logit_bias_init=cfg.loss.siglip_bias_init if cfg.loss.kind == "siglip" else None,
+    )
+    freeze_first_blocks(model.tower, cfg.model.vision.freeze_blocks)
+    return model, processor
+
+
+def check_cache(cfg: TrainConfig, cache: TextCache) -> None:
+    if cfg.model.text_dim and cfg.model.text_dim != cache.dim:
+        raise CacheError(
+            f"text cache {cache.dir} holds {cache.dim}-dim vectors but model.text_dim={cfg.model.text_dim}: "
+            "the cache was made with another text encoder; re-embed, or set model.text_dim to match"
+        )
+    if not cache.manifest.shards:
+        raise CacheError(f"text cache {cache.dir} has no finished shards")
+
+
+def _digest(prev: str, keys: list[str]) -> str:
+    return hashlib.sha256((prev + "\n" + "\n".join(keys)).encode()).hexdigest()
+
+
+def _merge_examples(into: dict[str, list[str]], new: dict[str, list[str]]) -> None:
+    for k, v in new.items():
+        lst = into.setdefault(k, [])
+        lst.extend(v[: max(0, MAX_EXAMPLES - len(lst))])
+
+
+def _progress(total: int, start: int, enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    prog = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(
+            "loss {task.fields[loss]:.4f}  {task.fields[ips]:.0f} img/s  wait {task.fields[wait]:.0%}"
+        ),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+    task = prog.add_task("train", total=total, completed=start, loss=float("nan"), ips=0.0, wait=0.0)
+    return prog, task
+
+
+@dataclass
+class Run:
+    """One rank's training state: what a checkpoint saves and `finish` reports."""
+
+    job: TrainJob
+    rank: int
+    world: int
+    device: torch.device
+    run: RunDir
+    paths: RunPaths
+    cache: TextCache
+    fields: list[str]
+    model: L2CModel
+    net: nn.Module  # the model, in DDP when there are several ranks
+    processor: object
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    log: RunLog
+    loss_fn: Callable
+    step: int = 0
+    samples_seen: int = 0
+    digest: str = ""
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)
+    stats: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    resumed_from: int | None = None
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.job.cfg
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(job: TrainJob, device: str | torch.device | None = None) -> tuple[Run, dict | None]:
+    """Join the process group, open the run directory and the cache, build model and optimiser.
+
+    Returns the run and the checkpoint to resume from (None for a fresh run); refuses a run directory that
+    holds checkpoints without `job.resume`, and a checkpoint made with another cache, model or world.
+    """
+    cfg = job.cfg
+    D.maybe_init_torchrun()
+    rank, world = D.rank(), D.world_size()
+    device = D.pick_device(device)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    run = RunDir(job.out, tag=f"rank{rank}")  # an object-store --out: a local staging copy, synced at checkpoints
+    run.pull()
+    paths = RunPaths(run.local)
+
+    cache = TextCache(job.text_cache)
+    check_cache(cfg, cache)
+    fields = used_fields(cache, cfg.data.caption_weights)
+    ckpt = _checkpoint_to_resume(job, paths, cache, world)
+
+    torch.manual_seed(cfg.seed + rank)
+    model, processor = build_model(cfg, cache.dim)
+    model.to(device)
+    opt = make_optimizer(model, cfg.optim)
+    sched = make_scheduler(opt, cfg.steps, cfg.optim.warmup_steps, "cosine", cfg.optim.min_lr_ratio)
+    r = Run(job, rank, world, device, run, paths, cache, fields, model, D.wrap_ddp(model, device), processor,
+            opt, sched, RunLog(paths.metrics, rank == 0), make_loss(cfg.loss.kind, cfg.loss.gather_with_grad))  # fmt: skip
+    return r, ckpt
+
+
+def _checkpoint_to_resume(job: TrainJob, paths: RunPaths, cache: TextCache, world: int) -> dict | None:
+    cfg = job.cfg
+    ckpt_path = latest_checkpoint(paths.root)
+    if ckpt_path is not None and not job.resume:
+        raise ResumeError(
+            f"{paths.root} already holds checkpoints; pass --resume to continue it, or pick a new --out"
+        )
+    if not job.resume or ckpt_path is None:
+        return None
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt["cache_fingerprint"] != cache.fingerprint:
+        raise CacheError(
+            f"text cache fingerprint {cache.fingerprint[:16]}… differs from the one this run was trained on "
+            f"({ckpt['cache_fingerprint'][:16]}…): the vectors come from another encoder or settings; "
+            "resume with the original cache, or start a new run"
+        )
+    if ckpt["config"]["model"] != to_dict(cfg)["model"]:
+        raise ResumeError(
+            f"{ckpt_path} was trained with another model config; resume with the run's own "
+            f"{paths.config.name} (--config {paths.config}), or pick a new --out"
+        )
+    if (ckpt["world_size"], ckpt["num_workers"]) != (world, cfg.data.workers):
+        raise ResumeError(
+            f"the run was trained with {ckpt['world_size']} rank(s) x {ckpt['num_workers']} data workers; "
+            f"resuming with {world} x {cfg.data.workers} would change the data order. Use the same values"
+        )
+    return ckpt
+
+
+def resume(r: Run, ckpt: dict | None) -> None:
+    """Load a checkpoint's weights, optimiser, schedule, RNG and data positions into `r`."""
+    if ckpt is None:
+        return
+    r.model.load_state_dict(ckpt["model"])
+    r.opt.load_state_dict(ckpt["optimizer"])
+    r.sched.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"][r.rank])
+    mine = ckpt["data"][r.rank]
+    r.positions = {int(k): tuple(v) for k, v in mine["positions"].items()}
+    r.stats = Counter(mine["stats"])
+    r.examples = mine["examples"]
+    r.step, r.samples_seen, r.digest = ckpt["step"], ckpt["samples_seen"], mine["digest"]
+    r.resumed_from = r.step
+
+
+def make_stream(r: Run, shards: list[str]):
+    """Plan the pairing (rank 0 first: it writes the index) and build this rank's data loader."""
+    cfg = r.cfg
+    if r.main:
+        r.paths.root.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, r.paths.config)
+        pairing = plan_pairing(r.cache, shards, cfg.data.pairing, r.fields, r.paths.index)
+        # a resumed run continues the metrics of its checkpoint; lines a killed run wrote after it are dropped
+        r.log.rewind(lambda rec: rec["step"] <= r.step)
+    D.barrier()
+    if not r.main:
+        pairing = plan_pairing(r.cache, shards, cfg.data.pairing, r.fields, r.paths.index)
+    spec = StreamSpec(
+        shards=shards,
+        pairing=pairing,
+        image_spec=r.model.image_spec,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        rank=r.rank,
+        world_size=r.world,
+        num_workers=cfg.data.workers,
+        field_weights=dict(cfg.data.caption_weights),
+        shuffle_shards=cfg.data.shuffle_shards,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        crop_scale=tuple(cfg.data.random_crop_scale),
+        start=r.positions,
+        rotation=r.step % max(1, cfg.data.workers),
+    )
+    loader = make_loader(spec, pin_memory=r.device.type == "cuda", prefetch_factor=cfg.data.prefetch_factor)
+    return pairing, loader
+
+
+def train_step(r: Run, batch: dict, autocast) -> torch.Tensor:
+    """One optimiser step on `batch`; advances the step, data position and digest. Returns the loss."""
+    pixels = batch["pixel_values"].to(r.device, non_blocking=True)
+    vectors = batch["vectors"].to(r.device, non_blocking=True)
+    with autocast:
+        img, txt, scale, bias = r.net(pixels, vectors)
+        loss = r.loss_fn(img, txt, scale, bias)
+    r.opt.zero_grad(set_to_none=True)
+    loss.backward()  # bf16 autocast needs no loss scaling
+    if r.cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(r.model.parameters(), r.cfg.optim.grad_clip)
+    r.opt.step()
+    r.sched.step()
+    r.step += 1
+    slot, epoch, emitted = batch["pos"]
+    r.positions[int(slot)] = (int(epoch), int(emitted))
+    r.stats.update(batch["stats"])
+    _merge_examples(r.examples, batch["examples"])
+    r.digest = _digest(r.digest, batch["keys"])
+    r.samples_seen += len(batch["keys"]) * r.world
+    return loss.detach().float()
+
+
+def checkpoint(r: Run, shards: list[str]) -> None:
+    """Every rank's RNG and data position into one checkpoint file, written by rank 0 (then synced)."""
+    data = {"positions": r.positions, "stats": dict(r.stats), "examples": r.examples, "digest": r.digest}
+    all_data, all_rng = D.all_gather_object(data), D.all_gather_object(rng_state())
+    if not r.main:
+        return
+    state = {
+        "step": r.step,
+        "samples_seen": r.samples_seen,
+        "model": r.model.state_dict(),
+        "optimizer": r.opt.state_dict(),
+        "scheduler": r.sched.state_dict(),
+        "rng": all_rng,
+        "data": all_data,
+        "cache_fingerprint": r.cache.fingerprint,
+        "world_size": r.world,
+        "num_workers": r.cfg.data.workers,
+        "shards": shards,
+        "config": to_dict(r.cfg),
+    }
+    save_checkpoint(r.paths.root, r.step, state, r.cfg.keep_checkpoints)
+    r.run.sync()  # an object-store --out: what changed, the checkpoint last
+
+
+def train(job: TrainJob, device: str | torch.device | None = None, on_step=None, report=None) -> dict:
+    """Train (or resume) `job`; returns the summary dict (also written to `out/summary.json`).
+
+    `on_step(step, loss)` is called after every step and `report(metrics_row)` after every logged one
+    (Ray Train passes `ray.train.report`).
+    """
+    r, ckpt = setup(job, device)
+    resume(r, ckpt)
+    cfg = r.cfg
+    shards = expand_shards(job.images)
+    pairing, loader = make_stream(r, shards)
+
+    last = cfg.steps if job.max_steps is None else min(cfg.steps, r.step + job.max_steps)
+    deadline = time.monotonic() + 60 * job.max_minutes if job.max_minutes else None
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and r.device.type == "cuda")
+    autocast = torch.autocast(r.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    r.net.train()
+    it = iter(loader)
+    prog, task = _progress(cfg.steps, r.step, job.progress and r.main)
+    win = Counter()  # data wait, step time and images since the last logged step
+    stopped_by = "steps"
+    t_prev = time.perf_counter()
+    with prog:
+        while r.step < last:
+            batch = next(it)
+            t_data = time.perf_counter()
+            loss = train_step(r, batch, autocast)
+            t_end = time.perf_counter()
+            win.update(wait=t_data - t_prev, time=t_end - t_prev, imgs=len(batch["keys"]) * r.world)
+            t_prev = t_end
+            if r.step % cfg.log_every == 0 or r.step == last:
+                row = _log_row(r, float(loss), win, int(batch["pos"][1]))
+                if r.main:
+                    r.log.write(row)
+                    prog.update(task, completed=r.step, loss=row["loss"], ips=row["images_per_s"],
+                                wait=row["data_wait"])  # fmt: skip
+                if report is not None:
+                    report(row)
+                win.clear()
+            if on_step is not None:
+                on_step(r.step, float(loss))
+            if r.step % cfg.checkpoint_every == 0 and r.step < last:
+                checkpoint(r, shards)
+            if deadline is not None and D.all_reduce_sum({"stop": float(time.monotonic() > deadline)})["stop"] > 0:
+                stopped_by = "max_minutes"
+                break
+    if r.step == last and last < cfg.steps:
+        stopped_by = "max_steps"
+    del it
+    checkpoint(r, shards)
+    return finish(r, pairing, shards, stopped_by)
+
+
+def _log_row(r: Run, loss: float, win: Counter, epoch: int) -> dict:
+    t = max(win["time"], 1e-9)
+    row = {
+        "step": r.step,
+        "loss": D.all_reduce_sum({"loss": loss})["loss"] / r.world,
+        "lr": r.opt.param_groups[0]["lr"] / r.opt.param_groups[0].get("lr_scale", 1.0),
+        "logit_scale": float(r.model.scale().detach()),
+        "images_per_s": win["imgs"] / t,
+        "data_wait": win["wait"] / t,
+        "epoch": epoch,
+        "samples_seen": r.samples_seen,
+        "data_digest": r.digest[:16],
+    }
+    if r.model.logit_bias is not None:
+        row["logit_bias"] = float(r.model.logit_bias.detach())
+    return row
+
+
+def finish(r: Run, pairing, shards: list[str], stopped_by: str) -> dict:
+    """Skip report, curves, export and summary (rank 0), after every rank's counts are summed."""
+    totals = D.all_reduce_sum({k: float(r.stats.get(k, 0)) for k in SKIP_KINDS})
+    all_examples = D.all_gather_object(r.examples)
+    summary = None
+    if r.main:
+        paths, cfg = r.paths, r.cfg
+        merged: dict[str, list[str]] = {}
+        for ex in all_examples:
+            _merge_examples(merged, ex)
+        skips = {
+            "counts": {k: int(v) for k, v in totals.items()},
+            "note": "counted per sample streamed: a key read in several epochs is counted in each",
+            "examples": merged,
+            "pairing": pairing.mode,
+            "shards": len(shards),
+            "samples_seen": r.samples_seen,
+        }
+        atomic.write_json(paths.skips, skips)
+        plot_metrics(paths.metrics, paths.plot)
+        export_model(
+            r.model,
+            paths.export,
+            r.processor,
+            r.cache.settings,
+            r.fields,
+            extra={"train_steps": r.step, "samples_seen": r.samples_seen, "loss": cfg.loss.kind},
+        )
+        rows = r.log.records()
+        tail = rows[-5:]
+        summary = {
+            "run_dir": r.run.display(),
+            "step": r.step,
+            "steps": cfg.steps,
+            "finished": r.step >= cfg.steps,
+            "stopped_by": stopped_by,
+            "resumed_from": r.resumed_from,
+            "samples_seen": r.samples_seen,
+            "final_loss": rows[-1]["loss"] if rows else None,
+            "images_per_s": (sum(x["images_per_s"] for x in tail) / len(tail)) if rows else None,
+            "data_wait": (sum(x["data_wait"] for x in tail) / len(tail)) if rows else None,
+            "world_size": r.world,
+            "device": str(r.device),
+            "skips": skips["counts"],
+            "export": r.run.display("export"),
+        }
+        atomic.write_json(paths.summary, summary)
+        r.run.sync()
+    D.barrier()
+    return summary or {}
+
+
+def _ray_worker(args: dict) -> None:
+    import ray.train
+
+    def report(row: dict) -> None:
+        ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
+
+    train(args["job"], device=args["device"], report=report)
+
+
+def train_on_ray(job: TrainJob) -> dict:
+    """`job` on `job.workers` Ray Train workers (one CPU, or one GPU, each); returns the run summary."""
+    import tempfile
+
+    from l2c.trainer.ray_train import launch
+
+    run = Store(job.out)  # a path every node shares, or an object-store URL (rank 0 syncs its staging copy)
+    run.makedirs()
+    storage = f"{run.root}/ray" if run.local else tempfile.mkdtemp(prefix="l2c-ray-train-")  # metrics only
+    # absolute paths or URLs: workers run elsewhere
+    job = replace(job, text_cache=Store(job.text_cache).url, out=run.url, progress=False)
+    launch(_ray_worker, {"job": job}, name="train-vision", workers=job.workers, storage=storage,
+           use_gpu=job.use_gpu, ray_address=job.ray_address)  # fmt: skip
+    return json.loads(run.read_text("summary.json"))
+
+
+def run_train_vision(job: TrainJob) -> dict:
+    """The function behind `l2c train-vision`: in-process when `job.workers` is 0, else a Ray Train job."""
+    return train_on_ray(job) if job.workers > 0 else train(job)
