@@ -10,10 +10,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def file_mode() -> int:
+    """The mode a new file gets under the process umask (0o644 under umask 022), as `open()` would give it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def tmp_path_for(path: str | Path) -> Path:
-    """A temp name beside `path` (same filesystem, so the rename is atomic), recognisable by `.tmp-`."""
+    """A temp name beside `path` (same filesystem, so the rename is atomic), recognisable by `.tmp-`.
+
+    mkstemp makes the file private (0600); it gets the umask's mode, so the published file is readable by
+    whoever may read the directory (shared storage).
+    """
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    os.fchmod(fd, file_mode())
     os.close(fd)
     return Path(name)
 

@@ -240,20 +240,49 @@ class TextCache:
         for name in self.shard_names:
             yield name, self.read_shard(name, columns)
 
+    def field_mask(self, names: list[str], requested: list[str]) -> np.ndarray:
+        """Rows whose field is one of `requested`: a spec as the manifest lists it (`json:captions[*]` takes
+        every element) or one row name (`json:captions[0]`). An unknown field is an error listing the known."""
+        want, prefixes = set(), []
+        for f in requested:
+            base = f.split("[", 1)[0]
+            if f not in self.fields and not any(k.split("[", 1)[0] == base and k.endswith("[*]") for k in self.fields):
+                raise CacheError(f"field {f!r} is not in text cache {self.dir}; it holds {', '.join(self.fields)}")
+            if f.endswith("[*]"):
+                prefixes.append(f[:-2])
+            else:
+                want.add(f)
+        return np.fromiter((n in want or any(n.startswith(p) for p in prefixes) for n in names), bool, len(names))
+
     def load(self, fields: list[str] | None = None, dtype=np.float32) -> tuple[list[str], list[str], np.ndarray]:
-        """All rows (optionally only some fields) as (keys, fields, embeddings[n, dim])."""
+        """All rows (optionally only some fields, see `field_mask`) as (keys, fields, embeddings[n, dim])."""
         keys: list[str] = []
         flds: list[str] = []
         parts: list[np.ndarray] = []
         for _, t in self.iter_tables(["key", "field", "embedding"]):
             if fields is not None:
-                mask = np.isin(np.asarray(t.column("field").to_pylist(), dtype=object), fields)
-                t = t.filter(pa.array(mask))
+                t = t.filter(pa.array(self.field_mask(t.column("field").to_pylist(), fields)))
             keys += t.column("key").to_pylist()
             flds += t.column("field").to_pylist()
             parts.append(embedding_matrix(t, dtype))
         emb = np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype)
         return keys, flds, emb
+
+    def shard_dim(self, name: str) -> int:
+        """The vector length a shard's file holds (from its Parquet schema; no data read)."""
+        schema = pq.read_schema(self.store.path(self.manifest.shards[name].file), filesystem=self._arrow_fs)
+        return schema.field("embedding").type.list_size
+
+    def check_dims(self, expected: int | None = None) -> None:
+        """Refuse, with both numbers, shards whose vectors disagree with the manifest's dim or with `expected`."""
+        if expected and expected != self.dim:
+            raise CacheError(f"text cache {self.dir} holds {self.dim}-dim vectors, {expected} expected")
+        for name, entry in sorted(self.manifest.shards.items()):
+            if entry.rows and (size := self.shard_dim(name)) != self.dim:
+                raise CacheError(
+                    f"text cache {self.dir}: shard {name} holds {size}-dim vectors but the manifest says "
+                    f"dim={self.dim}; the cache is damaged or mixed: re-embed into a new --out"
+                )
 
     def rejected(self) -> list[dict]:
         out = []
@@ -279,7 +308,11 @@ class TextCache:
             schema = pf.schema_arrow
             want = arrow_schema(self.dim, self.settings.get("store_dtype", "float16"))
             if entry.rows and not schema.equals(want, check_metadata=False):
-                problems.append(f"{name}: schema {schema} differs from {want}")
+                got = schema.field("embedding").type if "embedding" in schema.names else None
+                if got is not None and pa.types.is_fixed_size_list(got) and got.list_size != self.dim:
+                    problems.append(f"{name}: {got.list_size}-dim vectors, manifest says dim={self.dim}")
+                else:
+                    problems.append(f"{name}: columns {schema.names} / {got} differ from the cache format's")
         return problems
 
 

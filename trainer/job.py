@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from l2c.errors import L2CError
 from l2c.trainer.vision.config import TrainConfig
 
 
@@ -28,3 +29,11 @@ class TrainJob:
     use_gpu: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.max_steps is not None and self.max_steps < 1:
+            raise L2CError(f"--max-steps {self.max_steps}: must be at least 1 (leave it out to run the schedule)")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise L2CError(f"--max-minutes {self.max_minutes}: must be above 0")
+        if self.workers < 0:
+            raise L2CError(f"--workers {self.workers}: must be 0 (in-process) or more")

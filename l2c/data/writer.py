@@ -104,7 +104,6 @@ class AtomicShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.chmod(self._tmp, 0o644)  # the temp file is private (mkstemp); a finished shard is readable
         os.replace(self._tmp, self._final)
         self.shards.append(self._final)
         final, keys = self._final, self._keys

@@ -57,3 +57,36 @@ def test_manifest_refuses_foreign_or_newer_formats(tmp_path):
 def test_rows_must_agree():
     with pytest.raises(CacheError, match="rows disagree"):
         build_table(["a"], ["txt", "txt"], np.zeros((1, 4)), [1], [False])
+
+
+def test_unknown_field_is_an_error_listing_the_known_ones(tmp_path):
+    make_cache(tmp_path)
+    with pytest.raises(CacheError, match=r"'caption' is not in text cache .* holds txt, json:long_caption"):
+        TextCache(tmp_path).load(fields=["caption"])
+
+
+def test_star_spec_selects_every_element_under_one_name(tmp_path):
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((6, 4)).astype(np.float32)
+    keys = ["a", "a", "a", "b", "b", "b"]
+    fields = ["json:captions[0]", "json:captions[1]", "txt", "json:captions[0]", "json:captions[1]", "txt"]
+    n, digest = write_shard_file(tmp_path, "s0.parquet", build_table(keys, fields, emb, [3] * 6, [False] * 6))
+    Manifest(settings={"dim": 4, "store_dtype": "float16", "fields": ["json:captions[*]", "txt"]},
+             shards={"s0": ShardEntry(file="s0.parquet", source="s0.tar", rows=n, sha256=digest)}).save(tmp_path)  # fmt: skip
+    c = TextCache(tmp_path)
+    k, f, _ = c.load(fields=["json:captions[*]"])
+    assert k == ["a", "a", "b", "b"] and f == ["json:captions[0]", "json:captions[1]"] * 2
+    assert c.load(fields=["json:captions[1]"])[1] == ["json:captions[1]"] * 2  # one element by its row name
+
+
+def test_dim_disagreeing_with_vectors_is_refused_with_both_numbers(tmp_path):
+    make_cache(tmp_path, dim=8)
+    m = Manifest.load(tmp_path)
+    m.settings["dim"] = 16
+    m.save(tmp_path)
+    c = TextCache(tmp_path)
+    with pytest.raises(CacheError, match="shard s0 holds 8-dim vectors but the manifest says dim=16"):
+        c.check_dims()
+    assert c.validate() == ["s0: 8-dim vectors, manifest says dim=16"]  # one line, no Arrow schema dump
+    with pytest.raises(CacheError, match="holds 16-dim vectors, 32 expected"):
+        c.check_dims(32)

@@ -109,6 +109,7 @@ def check_cache(cfg: TrainConfig, cache: TextCache) -> None:
         )
     if not cache.manifest.shards:
         raise CacheError(f"text cache {cache.dir} has no finished shards")
+    cache.check_dims()
 
 
 def _digest(prev: str, keys: list[str]) -> str:

@@ -347,3 +347,33 @@ def test_ray_train_two_workers(classes, ray_local, tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["data"]) == 2
     assert ckpt["data"][0]["digest"] != ckpt["data"][1]["digest"]  # each rank reads its own shards
     assert load_exported(tmp_path / "run").meta["embed_dim"] == 24
+
+
+@pytest.mark.parametrize("steps", ["0", "-5"])
+def test_max_steps_below_one_is_refused(classes, tmp_path, capsys, steps):
+    tars, _, _, cache = classes
+    rc = main(["train-vision", "--images", str(tars[0]), "--text-cache", str(cache), "--out", str(tmp_path / "r"),
+               "--max-steps", steps])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"l2c: error: --max-steps {steps}: must be at least 1 (leave it out to run the schedule)"]
+    assert not (tmp_path / "r").exists()
+
+
+def test_cache_dim_disagreeing_with_its_vectors_is_refused_before_training(classes, tmp_path, capsys):
+    import shutil
+
+    from l2c.cache import Manifest
+
+    tars, _, _, cache = classes
+    bad = tmp_path / "cache"
+    shutil.copytree(cache, bad)
+    m = Manifest.load(bad)
+    true_dim = m.settings["dim"]
+    m.settings["dim"] = true_dim + 1
+    m.save(bad)
+    rc = main(["train-vision", "--images", str(tars[0]), "--text-cache", str(bad), "--out", str(tmp_path / "r"),
+               f"model.vision.config={json.dumps(TINY_VIT)}"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert f"holds {true_dim}-dim vectors but the manifest says dim={true_dim + 1}" in err[0]
+    assert not (tmp_path / "r" / "checkpoints").exists()
