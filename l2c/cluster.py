@@ -64,7 +64,7 @@ class Entrypoint:
 
     num_cpus: float = 1
     num_gpus: float = 0
-    resources: dict[str, float] = field(default_factory=dict)
+    resources: dict[str, int | float] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,7 +76,7 @@ class StageResources:
     workers: int | None = None
     gpus_per_worker: float | None = None
     cpus_per_worker: float | None = None
-    worker_resources: dict[str, float] = field(default_factory=dict)
+    worker_resources: dict[str, int | float] = field(default_factory=dict)
     readers: int | None = None
 
     def validate(self) -> None:

@@ -1,14 +1,15 @@
-"""Typed configs: dataclasses loaded from `configs/*.yaml`, overridable as `section.key=value`."""
+"""Typed configs, one path for every command: dataclasses validated by pydantic, loaded from
+`configs/*.yaml` (or any YAML file) and overridable as `section.key=value`."""
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from l2c.errors import L2CError
 
@@ -45,74 +46,60 @@ def apply_override(data: dict, override: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} fits none of {args}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        (arg,) = typing.get_args(tp)[:1] or (Any,)
-        return [_coerce(arg, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}: {value!r} is not one of {typing.get_args(tp)}")
-        return value
-    return value
+def _forbid_extra(cls: type) -> None:
+    """Unknown keys are errors in `cls` and every dataclass nested in it (pydantic reads the class's config)."""
+    if "__pydantic_config__" in vars(cls):
+        return
+    cls.__pydantic_config__ = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    for tp in typing.get_type_hints(cls).values():
+        for arg in (tp, *typing.get_args(tp)):
+            if dataclasses.is_dataclass(arg):
+                _forbid_extra(arg)
+
+
+def _validate_tree(obj) -> None:
+    """Each config's own cross-field checks (`validate()`), inner sections first."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate_tree(value)
+    if callable(check := getattr(obj, "validate", None)):
+        check()
+
+
+def _known_keys(cls: type, loc: tuple) -> list[str]:
+    """The keys of the section that `loc` (a path ending in the unknown key) points into."""
+    for part in loc[:-1]:
+        hint = typing.get_type_hints(cls).get(str(part))
+        cls = next((a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), None)
+        if cls is None:
+            return []
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _message(cls: type, e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:5]:
+        where = ".".join(str(x) for x in err["loc"]) or "config"
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            parts.append(f"{where}: unknown key; known: {', '.join(_known_keys(cls, err['loc']))}")
+        elif err["type"].startswith("bool"):
+            parts.append(f"{where}: expected true/false, got {err['input']!r}")
+        else:
+            parts.append(f"{where}: {err['msg'].lower()}, got {err['input']!r}")
+    more = f" (and {e.error_count() - 5} more)" if e.error_count() > 5 else ""
+    return "; ".join(parts) + more
 
 
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
-    """Build dataclass `cls` from a (nested) dict; unknown keys and wrong types are errors."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate()
+    """Build dataclass `cls` from a (nested) dict, validated by pydantic: unknown keys and wrong types are
+    errors (`ConfigError`, one line naming each key), then each section's `validate()` runs."""
+    _forbid_extra(cls)
+    try:
+        obj = TypeAdapter(cls).validate_python(data)
+    except ValidationError as e:
+        raise ConfigError(f"{where or cls.__name__}: {_message(cls, e)}") from None
+    _validate_tree(obj)
     return obj
 
 
@@ -125,7 +112,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data: dict = {}
     if path:
         p = resolve_config_path(path)
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{p}{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
     for ov in overrides or []:

@@ -68,3 +68,15 @@ def test_every_shipped_yaml_is_claimed_by_a_loader_and_valid():
         matches = [load for pattern, load in loaders.items() if fnmatch(rel, pattern)]
         assert len(matches) == 1, f"configs/{rel} has no loader in this test"
         assert matches[0](path) is not None
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: demo\noptim:\n  lr: [0.1\nsteps: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+, column \d+: not valid YAML"):
+        load_config(Cfg, p)
+
+
+def test_unknown_nested_key_lists_the_section_keys():
+    with pytest.raises(ConfigError, match=r"optim.lrr: unknown key; known: lr, betas"):
+        load_config(Cfg, None, ["optim.lrr=1"])

@@ -31,7 +31,7 @@ def test_demo_builds_a_vit_from_config():
 
 @pytest.mark.parametrize("override, message", [
     ("optim.warmup_steps=500", "warmup_steps"), ("data.random_crop_scale=[0.5, 2]", "random_crop_scale"),
-    ("loss.kind=triplet", "is not one of"), ("model.adapter.n_blocks=-1", "n_blocks"), ("batchsize=3", "unknown"),
+    ("loss.kind=triplet", "should be .clip. or .siglip."), ("model.adapter.n_blocks=-1", "n_blocks"), ("batchsize=3", "unknown"),
 ])  # fmt: skip
 def test_bad_overrides(override, message):
     with pytest.raises(ConfigError, match=message):
