@@ -24,7 +24,7 @@ CURVE_K = 50
 
 
 @dataclass
-class Pairing:
+class TextImageMatch:
     text_image: np.ndarray  # image index of each text, -1 when its key has no image
     images_without_text: list[str]
     texts_without_image: list[tuple[str, str]]  # (key, field)
@@ -36,7 +36,7 @@ def _preview(items, n: int = 5) -> str:
     return ", ".join(repr(x) for x in items[:n]) + more
 
 
-def pair_texts(image_keys: list[str], text_keys: list[str], text_fields: list[str]) -> Pairing:
+def pair_texts(image_keys: list[str], text_keys: list[str], text_fields: list[str]) -> TextImageMatch:
     """Match captions to images by key; duplicate image keys or (key, field) pairs are errors."""
     dup_images = [k for k, c in Counter(image_keys).items() if c > 1]
     if dup_images:
@@ -51,7 +51,7 @@ def pair_texts(image_keys: list[str], text_keys: list[str], text_fields: list[st
     text_image = np.array([index.get(k, -1) for k in text_keys], dtype=np.int64)
     has_text = np.zeros(len(image_keys), bool)
     has_text[text_image[text_image >= 0]] = True
-    return Pairing(
+    return TextImageMatch(
         text_image=text_image,
         images_without_text=[k for k, h in zip(image_keys, has_text, strict=True) if not h],
         texts_without_image=[

@@ -30,6 +30,7 @@ from l2c.storage import StorageError, Store, as_store, open_store
 FORMAT_NAME = "l2c-text-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+JOURNAL_DIR = "manifest.d"  # one file per shard finished since manifest.json was last written
 REJECTED = "rejected.jsonl"
 REJECTED_DIR = "rejected"
 COLUMNS = ("key", "field", "embedding", "n_tokens", "truncated")
@@ -159,17 +160,35 @@ class Manifest:
         )
 
     def save(self, directory: str | Path | Store) -> None:
+        """Write the whole manifest (settings and every shard) and drop the journal it now includes."""
         from l2c import __version__
 
+        store = as_store(directory)
         self.l2c_version = __version__
-        as_store(directory).write_text(MANIFEST, json.dumps(self.to_dict(), indent=2) + "\n")
+        store.write_text(MANIFEST, json.dumps(self.to_dict(), indent=2) + "\n")
+        for name in store.list(JOURNAL_DIR, ".json"):
+            store.remove(f"{JOURNAL_DIR}/{name}")
+
+    def record(self, directory: str | Path | Store, name: str, entry: ShardEntry) -> None:
+        """Add one finished shard: a small journal file (`manifest.d/NAME.json`, atomic), so the cost per shard
+        stays flat however many came before; `save` folds the journal into manifest.json at the end."""
+        self.shards[name] = entry
+        as_store(directory).write_text(f"{JOURNAL_DIR}/{name}.json", json.dumps({name: asdict(entry)}) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path | Store) -> Manifest:
+        """manifest.json plus the shards the journal records (a job killed before its final save)."""
         store = open_cache_store(directory)
         if not store.exists(MANIFEST):
             raise CacheError(f"{store} has no {MANIFEST}: not a text cache (run `l2c embed-captions`)")
-        return cls.from_dict(json.loads(store.read_text(MANIFEST)))
+        m = cls.from_dict(json.loads(store.read_text(MANIFEST)))
+        for name in store.list(JOURNAL_DIR, ".json"):
+            try:
+                for shard, entry in json.loads(store.read_text(f"{JOURNAL_DIR}/{name}")).items():
+                    m.shards[shard] = ShardEntry(**entry)
+            except (json.JSONDecodeError, TypeError, FileNotFoundError):
+                continue  # written atomically, so only a foreign file lands here; its shard is redone
+        return m
 
 
 def open_cache_store(spec: str | Path | Store) -> Store:

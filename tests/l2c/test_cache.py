@@ -90,3 +90,19 @@ def test_dim_disagreeing_with_vectors_is_refused_with_both_numbers(tmp_path):
     assert c.validate() == ["s0: 8-dim vectors, manifest says dim=16"]  # one line, no Arrow schema dump
     with pytest.raises(CacheError, match="holds 16-dim vectors, 32 expected"):
         c.check_dims(32)
+
+
+def test_journal_records_shards_flat_and_save_folds_it_in(tmp_path):
+    make_cache(tmp_path)
+    m = Manifest.load(tmp_path)
+    manifest_bytes = (tmp_path / "manifest.json").read_bytes()
+    for i in range(1, 4):
+        n, digest = write_shard_file(tmp_path, f"s{i}.parquet", pq.read_table(tmp_path / "s0.parquet"))
+        m.record(tmp_path, f"s{i}", ShardEntry(file=f"s{i}.parquet", source=f"/x/s{i}.tar", rows=n, sha256=digest))
+    assert (tmp_path / "manifest.json").read_bytes() == manifest_bytes  # not rewritten per shard
+    (tmp_path / "manifest.d" / "partial.json").write_text('{"s9": {"file": "s9.parq')  # a foreign, cut file
+    c = TextCache(tmp_path)  # what a reader sees after kill -9: manifest + journal
+    assert c.shard_names == ["s0", "s1", "s2", "s3"] and len(c) == 20 and c.validate() == []
+    m.save(tmp_path)
+    assert not list((tmp_path / "manifest.d").glob("*.json"))
+    assert json.loads((tmp_path / "manifest.json").read_text())["totals"]["shards"] == 4

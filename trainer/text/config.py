@@ -10,7 +10,7 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 
 
 @dataclass
-class ModelConfig:
+class TextModelConfig:
     """How the text model is loaded and pooled."""
 
     path: str = ""  # a model directory, or `minilm` (set by --model)
@@ -69,7 +69,7 @@ class MntpConfig:
 
 
 @dataclass
-class DataConfig:
+class TextDataConfig:
     """Where positive pairs come from."""
 
     pairs: list[str] = field(default_factory=list)  # captions files / dirs / text caches (set by --pairs)
@@ -85,7 +85,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TextTrainConfig:
     """The contrastive stage: supervised SimCSE / InfoNCE with in-batch negatives."""
 
     batch_size: int = 64  # pairs per step, across all workers (each pair from a different image)
@@ -139,11 +139,11 @@ class DistConfig:
 
 @dataclass
 class FinetuneTextConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: TextModelConfig = field(default_factory=TextModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     mntp: MntpConfig = field(default_factory=MntpConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    train: TextTrainConfig = field(default_factory=TextTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
