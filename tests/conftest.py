@@ -110,3 +110,24 @@ def s3_bucket(s3_server, monkeypatch, request) -> str:
     fsspec.filesystem("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"]).mkdir(name)
     yield f"s3://{name}"
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def refused(capsys):
+    """`refused(argv, pattern)`: the l2c command exits 2 with `pattern` in its message and no traceback;
+    an input error (not a usage error) is exactly one line."""
+    import re
+
+    from l2c.cli import main
+
+    def check(argv: list[str], pattern: str) -> str:
+        capsys.readouterr()
+        rc = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert rc == 2, (rc, err)
+        assert "Traceback" not in err and re.search(pattern, err.replace("\n", " ")), err
+        if err.startswith("l2c: error:"):
+            assert len(err.strip().splitlines()) == 1, err
+        return err
+
+    return check

@@ -25,7 +25,6 @@ def _register_demo_data(app) -> None:
         """Generate procedural scenes (coloured shapes) with short and dense captions as webdataset shards."""
         from l2c.data.demo_data import (
             DemoDataConfig,
-            DemoDataError,
             contact_sheet,
             make_demo_data,
             print_summary,
@@ -33,10 +32,7 @@ def _register_demo_data(app) -> None:
 
         cfg = DemoDataConfig(n=n, val_n=val_n, image_size=image_size, shard_size=shard_size, seed=seed,
                              min_objects=min_objects, max_objects=max_objects, image_format=image_format)
-        try:
-            info = make_demo_data(out, cfg, overwrite=overwrite)
-        except DemoDataError as e:
-            raise typer.BadParameter(str(e)) from e
+        info = make_demo_data(out, cfg, overwrite=overwrite)
         print_summary(info, out)
         if preview:
             typer.echo(f"preview: {contact_sheet(out, out / 'preview.png')}")
@@ -59,16 +55,13 @@ def _register_make_shards(app) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards made from other inputs."),
     ) -> None:
         """Convert a folder of images plus a captions JSONL into webdataset shards; bad records are reported."""
-        from l2c.data.make_shards import MakeShardsConfig, MakeShardsError, make_shards, print_summary
+        from l2c.data.make_shards import MakeShardsConfig, make_shards, print_summary
 
         cfg = MakeShardsConfig(shard_size=shard_size, image_field=image_field, key_field=key_field,
                                caption_field=caption_field, max_side=max_side, jpeg_quality=quality, strict=strict)
         if workers > 0:
             cfg.workers = workers
-        try:
-            info = make_shards(images_dir, captions, out, cfg, overwrite=overwrite)
-        except MakeShardsError as e:
-            raise typer.BadParameter(str(e)) from e
+        info = make_shards(images_dir, captions, out, cfg, overwrite=overwrite)
         print_summary(info, out)
 
 

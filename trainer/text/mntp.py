@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from l2c.errors import L2CError
+
 
 def mask_token_id(tokenizer, mask_token: str = "") -> int:
     """The id used for masked positions: the tokenizer's mask token, else `_` (as LLM2Vec does for Llama)."""
@@ -16,7 +18,7 @@ def mask_token_id(tokenizer, mask_token: str = "") -> int:
         return int(tokenizer.mask_token_id)
     ids = tokenizer(mask_token or "_", add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise ValueError(f"mask token {mask_token or '_'!r} is {len(ids)} tokens for this tokenizer; need one")
+        raise L2CError(f"mask token {mask_token or '_'!r} is {len(ids)} tokens for this tokenizer; need one")
     return int(ids[0])
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from l2c import atomic
+from l2c.errors import L2CError
 from l2c.trainer.vision.model import L2CModel
 from l2c.trainer.vision.tower import ImageSpec
 from l2c.trainer.vision.transforms import eval_transform
@@ -118,7 +119,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
     root = find_export(path)
     meta = json.loads((root / META).read_text())
     if meta.get("format") != FORMAT or int(meta.get("version", -1)) > VERSION:
-        raise ValueError(
+        raise L2CError(
             f"{root / META}: not an l2c model export this version reads ({meta.get('format')!r})"
         )
     tower = AutoModel.from_pretrained(root / "vision")
@@ -139,6 +140,6 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
     missing, unexpected = model.load_state_dict(heads, strict=False)
     missing = [k for k in missing if not k.startswith("tower.")]
     if missing or unexpected:
-        raise ValueError(f"{root / HEADS} does not fit the model: missing {missing}, unexpected {unexpected}")
+        raise L2CError(f"{root / HEADS} does not fit the model: missing {missing}, unexpected {unexpected}")
     model.meta = meta
     return model.to(device).eval()

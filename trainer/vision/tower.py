@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from l2c.config import ConfigError
 from l2c.trainer.vision.config import VisionConfig
 
 # Full two-tower checkpoints whose vision half we take.
@@ -142,7 +143,7 @@ def freeze_first_blocks(tower: nn.Module, k: int) -> int:
         return 0
     n = len(transformer_blocks(tower))
     if k > n:
-        raise ValueError(f"freeze_blocks={k} but the tower has only {n} blocks")
+        raise ConfigError(f"model.vision.freeze_blocks={k} but the tower has only {n} blocks")
     depth = block_index_of(tower)
     frozen = 0
     for name, p in tower.named_parameters():
