@@ -44,7 +44,7 @@ def resolve_model(name: str | Path) -> Path:
     except Exception as e:  # offline, unknown repo, gated model
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise ModelNotFound(
-            f"could not fetch {s!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "
+            f"could not fetch {s!r} from the Hugging Face hub ({type(e).__name__}: {' '.join(str(e).split())[:200]}). "
             + ("HF_HUB_OFFLINE=1 is set. " if offline else "The hub may be unreachable from this machine. ")
             + "Pass a local model directory, or `minilm` for the packaged all-MiniLM-L6-v2."
         ) from e

@@ -179,7 +179,19 @@ class Store:
     # ------------------------------------------------------------------ writing (atomic)
     def makedirs(self, rel: str = "") -> None:
         if self.local:
-            Path(self.path(rel)).mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.path(rel)).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StorageError(f"cannot create {self.display(rel)}: {e.strerror or e}") from None
+
+    def check_writable(self) -> None:
+        """Create the location and write + remove a probe file, so an unwritable output fails before any work."""
+        self.makedirs()
+        try:
+            self.write_text(".tmp-l2c-probe", "")
+            self.remove(".tmp-l2c-probe")
+        except OSError as e:
+            raise StorageError(f"cannot write to {self.display()}: {e.strerror or e}") from None
 
     def write_file(self, rel: str, write: Callable[[Path], object]) -> str:
         """Call `write(tmp_path)` to produce the file, then publish it as `rel` atomically; returns its sha256."""

@@ -41,3 +41,16 @@ def test_cache_info_on_a_folder_without_a_cache(refused, tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(CacheError, match="no manifest.json"):
         main(["--debug", "cache-info", str(tmp_path)])
+
+
+def test_unwritable_out_fails_before_any_work(refused, captions, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    refused(["eval-cra", "--captions", captions, "--model", "minilm", "--out", blocker / "eval"],
+            "cannot create .*a-file/eval")  # fmt: skip
+    refused(["embed-captions", captions, "--key-field", "image_id", "--text-field", "caption", "--model", "minilm",
+             "--no-progress", "--out", blocker / "cache"], "cannot create .*a-file/cache")  # fmt: skip
+
+
+def test_missing_captions_file_is_named(refused, tmp_path):
+    refused(["eval-cra", "--captions", tmp_path / "nope.jsonl", "--model", "minilm"], "nope.jsonl")
