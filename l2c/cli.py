@@ -15,6 +15,7 @@ import sys
 import typer
 
 from l2c.errors import EXIT_FAILED, EXIT_USAGE, L2CError
+from l2c.log import setup_logging
 
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click.exceptions import ClickException
@@ -41,7 +42,6 @@ COMMAND_MODULES = (
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 
-log = logging.getLogger("l2c")
 _debug = False
 
 
@@ -57,16 +57,6 @@ def _root(
     if not isinstance(level, int):
         raise L2CError(f"--log-level {log_level!r}: expected DEBUG, INFO, WARNING or ERROR")
     setup_logging(level)
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """`l2c` loggers to stderr as `LEVEL l2c.module: message` (once per process)."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
-    log.setLevel(level)
 
 
 @app.command("version")

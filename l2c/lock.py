@@ -9,6 +9,7 @@ file is removed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -19,6 +20,7 @@ from l2c.errors import L2CError
 from l2c.storage import Store
 
 LOCK = ".l2c-lock.json"
+log = logging.getLogger(__name__)
 
 
 class Locked(L2CError):
@@ -57,6 +59,7 @@ class OutputLock:
                     f"{store.display(LOCK)} if that job is gone"
                 )
             if holder is not None:  # its process died (kill -9): take the lock over
+                log.warning("taking over %s from pid %s, which is gone", store.display(LOCK), holder.get("pid"))
                 store.remove(LOCK)
             if store.local:
                 try:

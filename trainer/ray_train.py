@@ -15,6 +15,9 @@ from l2c.ray_utils import init_ray
 def _entry(args: dict) -> None:
     import ray.train.torch
 
+    from l2c.log import setup_logging
+
+    setup_logging()  # the worker's INFO lines reach the job's log
     worker = args.pop("_worker")
     worker({**args, "device": str(ray.train.torch.get_device())})
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from torch import nn
 from l2c import atomic
 from l2c.cache import CacheError, TextCache
 from l2c.config import dump_config, to_dict
+from l2c.data.shards import expand_shards
 from l2c.errors import L2CError
 from l2c.storage import RunDir, Store
 from l2c.trainer import distributed as D
@@ -36,7 +38,7 @@ from l2c.trainer.plots import plot_metrics
 from l2c.trainer.runlog import RunLog
 from l2c.trainer.schedule import make_scheduler
 from l2c.trainer.vision.config import TrainConfig
-from l2c.trainer.vision.data import SKIP_KINDS, StreamSpec, expand_shards, make_loader
+from l2c.trainer.vision.data import SKIP_KINDS, StreamSpec, make_loader
 from l2c.trainer.vision.export import export_model
 from l2c.trainer.vision.loss import make_loss
 from l2c.trainer.vision.model import L2CModel
@@ -45,6 +47,7 @@ from l2c.trainer.vision.pairing import plan_pairing, used_fields
 from l2c.trainer.vision.tower import build_vision_tower, freeze_first_blocks
 
 MAX_EXAMPLES = 20
+log = logging.getLogger(__name__)
 
 
 class ResumeError(L2CError):
@@ -259,6 +262,7 @@ def resume(r: Run, ckpt: dict | None) -> None:
     r.examples = mine["examples"]
     r.step, r.samples_seen, r.digest = ckpt["step"], ckpt["samples_seen"], mine["digest"]
     r.resumed_from = r.step
+    log.info("resumed %s at step %d (%d samples seen)", r.paths.root, r.step, r.samples_seen)
 
 
 def make_stream(r: Run, shards: list[str]):
@@ -338,6 +342,7 @@ def checkpoint(r: Run, shards: list[str]) -> None:
     }
     save_checkpoint(r.paths.root, r.step, state, r.cfg.keep_checkpoints)
     r.run.sync()  # an object-store --out: what changed, the checkpoint last
+    log.info("checkpoint at step %d in %s", r.step, r.run.display("checkpoints"))
 
 
 def train(job: TrainJob, device: str | torch.device | None = None, on_step=None, report=None) -> dict:
@@ -349,8 +354,10 @@ def train(job: TrainJob, device: str | torch.device | None = None, on_step=None,
     r, ckpt = setup(job, device)
     resume(r, ckpt)
     cfg = r.cfg
-    shards = expand_shards(job.images)
+    shards = expand_shards(job.images, what="image shard")
     pairing, loader = make_stream(r, shards)
+    log.info("training %s: %d shard(s), %s pairing, rank %d of %d on %s", r.run.display(), len(shards),
+             pairing.mode, r.rank, r.world, r.device)  # fmt: skip
 
     last = cfg.steps if job.max_steps is None else min(cfg.steps, r.step + job.max_steps)
     deadline = time.monotonic() + 60 * job.max_minutes if job.max_minutes else None
@@ -459,6 +466,8 @@ def finish(r: Run, pairing, shards: list[str], stopped_by: str) -> dict:
         }
         atomic.write_json(paths.summary, summary)
         r.run.sync()
+        log.info("run %s: step %d/%d, stopped by %s, final loss %s; exported to %s", summary["run_dir"], r.step,
+                 cfg.steps, stopped_by, summary["final_loss"], summary["export"])  # fmt: skip
     D.barrier()
     return summary or {}
 
