@@ -5,6 +5,9 @@
 The command line is parsed here first (a typo fails before anything reaches the cluster); the stage's section
 of `configs/ray/resources.yaml` adds its flags (flags given on the command line win) and reserves the driver's
 resources; `configs/ray/runtime_env.yaml` becomes the job's runtime environment.
+The job's entrypoint runs `l2c` from the node's PATH or, where there is none, `python -m l2c.cli` with the
+python that runs Ray on that node (`RUN_L2C`), so nodes started from a venv that is not activated run it too;
+a job that still cannot run l2c ends with one line that says so and how to fix it (`cannot_run_l2c`).
 Exit codes: 0 the job succeeded (or was submitted, with --no-wait), 1 it failed or was stopped,
 2 bad input (command line, configs, refused by the cluster), 3 the cluster cannot be reached.
 """
@@ -12,6 +15,7 @@ Exit codes: 0 the job succeeded (or was submitted, with --no-wait), 1 it failed 
 from __future__ import annotations
 
 import asyncio
+import re
 import shlex
 import time
 from pathlib import Path
@@ -19,18 +23,33 @@ from typing import NamedTuple
 
 import typer
 
+from l2c import __version__
 from l2c.config import CONFIG_DIR, ConfigError
+from l2c.errors import EXIT_FAILED, EXIT_USAGE, JobFailed, L2CError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+EXIT_UNREACHABLE = 3
+
+# Ray runs a job's entrypoint with /bin/sh on the node that holds the driver, with that node's environment.
+# Where `l2c` is not on the node's PATH (e.g. `.venv/bin/ray start` from a venv that is not activated), this
+# defines a shell function `l2c` that runs `python -m l2c.cli` with the python that runs Ray on the node: the
+# raylet starts its Python workers, the job's supervisor among them (this shell's parent), with
+# `--python_worker_command=PYTHON ...`, read from the raylet's command line (Linux /proc). A runtime env's
+# `py_modules` / `working_dir` reach that python through PYTHONPATH; its `pip` / `conda` env is activated
+# (its bin on PATH), so its own `l2c` is found first.
+RUN_L2C = (
+    "command -v l2c >/dev/null || l2c() { "
+    r"""p=$(tr '\0' '\n' 2>/dev/null </proc/$(sed 's/.*) [^ ]* //;s/ .*//' /proc/$PPID/stat 2>/dev/null)/cmdline"""
+    r""" | sed -n 's/^--python_worker_command=\([^ ]*\).*/\1/p'); """
+    """[ -x "$p" ] || { echo "l2c: not found: not on this node's PATH, and no python of its Ray to run it" >&2; """
+    """exit 127; }; echo "l2c: not on this node's PATH; running $p -m l2c.cli" >&2; exec "$p" -m l2c.cli "$@"; }; """
+)
 
 
-class SubmitError(ValueError):
-    """A submission that cannot be made; `code` is the exit status."""
+class SubmitError(L2CError):
+    """A submission that cannot be made; `code` is the exit status (2 by default, 3: cluster unreachable)."""
 
-    def __init__(self, message: str, code: int = EXIT_USAGE):
-        super().__init__(message)
-        self.code = code
+    code = EXIT_USAGE
 
 
 class Command(NamedTuple):
@@ -92,7 +111,7 @@ def build_submission(tokens: list[str], runtime_env: str | None, resources: str 
         check_command(["l2c", name, *args])
     entry = stage.entrypoint if stage is not None else None
     return {
-        "entrypoint": shlex.join(["l2c", name, *args]),
+        "entrypoint": RUN_L2C + shlex.join(["l2c", name, *args]),
         "runtime_env": renv.to_ray(extra_env) or None,
         "entrypoint_num_cpus": entry.num_cpus if entry else None,
         "entrypoint_num_gpus": (entry.num_gpus or None) if entry else None,
@@ -114,13 +133,52 @@ def connect(address: str):
         ) from e
 
 
+def command_of(entrypoint: str) -> str:
+    """The l2c command line of a job's entrypoint (without the `RUN_L2C` prefix)."""
+    return entrypoint.removeprefix(RUN_L2C)
+
+
+_NO_MODULE = re.compile(r"No module named '(l2c[\w.]*)'")
+_NO_SPEC = re.compile(r"(\S+): Error while finding module specification for 'l2c\.cli'")
+
+
+def cannot_run_l2c(info) -> str | None:
+    """One line for a failed job whose node could not run l2c (exit 127, l2c not found or not importable), else None.
+
+    `info` is the job's `JobDetails` (its `message` ends with the last lines of the job's log)."""
+    log = info.message or ""
+    missing = _NO_MODULE.search(log)
+    if getattr(info, "driver_exit_code", None) != 127 and not missing:
+        return None
+    # the driver's node when the entrypoint itself could not start l2c; else a task or actor somewhere failed to
+    driver = (getattr(info, "driver_agent_http_address", None) or "").split("//")[-1].rsplit(":", 1)[0]
+    py = _NO_SPEC.search(log)
+    at_driver = bool(driver) and (py is not None or not missing)
+    where = f"node {driver}" if at_driver else "a node"
+    if missing and missing.group(1) != "l2c":
+        why = f"l2c has no module {missing.group(1)} (l2c there is not version {__version__}, as here)"
+    elif py:
+        why = f"l2c is not installed for the python that runs there ({py.group(1)})"
+    elif missing:
+        why = "l2c is not installed (a task or actor there could not import it)"
+    else:
+        why = "`l2c` is not on its PATH and the python that runs Ray there cannot be found"
+    return (
+        f"the cluster cannot run l2c: on {where} {why}. Every node needs l2c {__version__} installed in the "
+        "environment its `ray start` runs from (start the nodes from that venv, or use the l2c docker image), "
+        "or ship it with the job's runtime env (py_modules: [dist/l2c-*.whl] in configs/ray/runtime_env.yaml); "
+        "see docs/cluster.md"
+    )
+
+
 async def _follow(client, job_id: str) -> None:
     async for chunk in client.tail_job_logs(job_id):
         typer.echo(chunk, nl=False)
 
 
 def wait_for(client, job_id: str) -> int:
-    """Stream the job's logs until it ends; returns its exit code (0 when it succeeded)."""
+    """Stream the job's logs until it ends; returns its exit code (0 when it succeeded), or raises JobFailed
+    with one line on what to fix when the job's node could not run l2c."""
     from ray.job_submission import JobStatus
 
     try:
@@ -138,6 +196,9 @@ def wait_for(client, job_id: str) -> int:
     ok = status == JobStatus.SUCCEEDED
     reason = "" if ok else f": {(info.message or '').splitlines()[0] if info.message else 'no message'}"
     typer.secho(f"job {job_id}: {status.value}{reason}", fg="green" if ok else "red", err=True)
+    hint = None if ok else cannot_run_l2c(info)
+    if hint:
+        raise JobFailed(hint)
     return 0 if ok else EXIT_FAILED
 
 
@@ -155,23 +216,20 @@ def submit(
     """Run an l2c command as a Ray job on a cluster: `l2c submit [--address URL] -- l2c COMMAND ...`."""
     import json
 
+    # a SubmitError (or JobFailed) ends the command with its one line and exit code (l2c.cli's L2CError handler)
+    job = build_submission(list(command or []), runtime_env, resources, list(env or []))
+    if dry_run:
+        typer.echo(json.dumps(job, indent=2))
+        return 0
+    client = connect(address)
     try:
-        job = build_submission(list(command or []), runtime_env, resources, list(env or []))
-        if dry_run:
-            typer.echo(json.dumps(job, indent=2))
-            return 0
-        client = connect(address)
-        try:
-            jid = client.submit_job(**job, submission_id=job_id)
-        except RuntimeError as e:
-            raise SubmitError(f"the cluster refused the job: {e}") from e
-    except SubmitError as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(e.code) from None
+        jid = client.submit_job(**job, submission_id=job_id)
+    except RuntimeError as e:
+        raise SubmitError(f"the cluster refused the job: {e}") from e
     if not wait:
         typer.echo(jid)
         return 0
-    typer.secho(f"job {jid} submitted to {address}: {job['entrypoint']}", err=True)
+    typer.secho(f"job {jid} submitted to {address}: {command_of(job['entrypoint'])}", err=True)
     code = wait_for(client, jid)
     if code:
         raise typer.Exit(code)

@@ -1,11 +1,15 @@
 """`l2c submit` against a real two-node Ray cluster on this machine (separate `ray start` processes).
 
 The head holds the job drivers (`driver` resource), the worker node the encoder actor (`encode` resource), so
-the embed job is split across nodes. One embed job loses its worker node mid-job; after a replacement node
-joins, the rerun completes the cache, which then equals a single-process encoding of the same captions.
+the embed job is split across nodes. The head is started as a new user would: `.venv/bin/ray start` from a
+shell where the venv is not activated (no `l2c` on its PATH), so the jobs run `l2c` with the python of the
+node's Ray. One embed job loses its worker node mid-job; after a replacement node joins, the rerun completes
+the cache, which then equals a single-process encoding of the same captions. A last node whose Ray runs from
+a Python without l2c gets a job that cannot start: one line says why.
 """
 
 import json
+import re
 import shutil
 import time
 
@@ -15,7 +19,8 @@ import yaml
 
 from l2c.cache import TextCache, embedding_matrix
 from l2c.cli import main
-from tests.l2c.ray_cluster import LocalCluster
+from l2c.submit import command_of
+from tests.l2c.ray_cluster import LocalCluster, ray_without_l2c
 from tests.pipeline.conftest import caption_shards
 
 pytestmark = pytest.mark.slow
@@ -37,7 +42,7 @@ def cluster(tmp_path_factory):
         mp.delenv("RAY_ADDRESS", raising=False)
         c = LocalCluster()
         try:
-            c.start_head(num_cpus=4, resources={"driver": 1})
+            c.start_head(num_cpus=4, resources={"driver": 1}, l2c_on_path=False)
             add_worker(c)
             yield c
         finally:
@@ -68,7 +73,10 @@ def test_failed_job_gives_nonzero_exit_and_reason(cluster, submit_args, tmp_path
     captured = capsys.readouterr()
     assert rc == 1
     assert "does not exist" in captured.out  # the job's own error, streamed from its logs
-    assert "FAILED: Job entrypoint command failed with exit code 1" in captured.err
+    assert "l2c: not on this node's PATH; running " in captured.out  # the head's Ray python ran it
+    assert "cannot run l2c" not in captured.err
+    # the command's own exit status (2: bad input, in l2c's error model), reported by Ray
+    assert re.search(r"FAILED: Job entrypoint command failed with exit code [12],", captured.err)
 
 
 def wait_until(pred, timeout: float, what: str, poll: float = 0.2) -> None:
@@ -80,8 +88,9 @@ def wait_until(pred, timeout: float, what: str, poll: float = 0.2) -> None:
 
 
 def manifest_shards(out) -> dict:
-    p = out / "manifest.json"
-    return json.loads(p.read_text())["shards"] if p.exists() else {}
+    from l2c.cache import Manifest
+
+    return Manifest.load(out).to_dict()["shards"] if (out / "manifest.json").exists() else {}
 
 
 def test_node_lost_mid_job_then_rerun_completes_equal_to_single_process(cluster, submit_args, tmp_path, capsys):
@@ -94,7 +103,7 @@ def test_node_lost_mid_job_then_rerun_completes_equal_to_single_process(cluster,
 
     assert main(submit_args + ["--no-wait"] + embed_cmd(shards, out)) == 0
     job_id = capsys.readouterr().out.strip()
-    assert client.get_job_info(job_id).entrypoint.startswith("l2c embed-captions file://")
+    assert command_of(client.get_job_info(job_id).entrypoint).startswith("l2c embed-captions file://")
 
     def started() -> bool:
         assert not client.get_job_status(job_id).is_terminal(), client.get_job_logs(job_id)[-3000:]
@@ -168,3 +177,29 @@ def test_job_writes_its_cache_to_an_object_store(cluster, submit_args, s3_server
     cache = TextCache(out)
     assert cache.validate() == [] and cache.dir == out
     assert_equals_single_process(cache, shards)
+
+
+def test_node_that_cannot_run_l2c_says_why(cluster, tmp_path, capsys):
+    """A node whose Ray runs from a Python without l2c and has no `l2c` on PATH (as a stock Ray image): the job
+    placed there ends with one line saying the node cannot run l2c and how to fix it, and exit 1."""
+    env = tmp_path / "ray-env"
+    ray = ray_without_l2c(env)
+    n = len(cluster.alive_nodes())
+    node = cluster.add_node(num_cpus=1, resources={"bare": 1}, ray=ray, l2c_on_path=False)
+    try:
+        res = tmp_path / "resources.yaml"
+        res.write_text(yaml.safe_dump({"embed_captions": {"entrypoint": {"num_cpus": 0, "resources": {"bare": 1}}}}))
+        capsys.readouterr()
+        rc = main(["submit", "--address", cluster.dashboard, "--resources", str(res), "--", "l2c", "embed-captions",
+                   f"file://{tmp_path}/a.tar", "--out", str(tmp_path / "cache")])  # fmt: skip
+        captured = capsys.readouterr()
+    finally:
+        cluster.kill_node(node)
+        wait_until(lambda: len(cluster.alive_nodes()) == n, 60, "the cluster to notice the node is gone")
+    assert rc == 1
+    assert f"running {env}/bin/python -m l2c.cli" in captured.out and "No module named 'l2c'" in captured.out
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(errors) == 1, captured.err
+    assert re.fullmatch(rf"l2c: error: the cluster cannot run l2c: on node [\d.]+ l2c is not installed for the python "
+                        rf"that runs there \({env}/bin/python\)\. Every node needs l2c 0\.1\.0 installed .*", errors[0])  # fmt: skip
+    assert "docker image" in errors[0] and "runtime env (py_modules" in errors[0] and "docs/cluster.md" in errors[0]
