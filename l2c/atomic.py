@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +45,28 @@ def atomic_path(path: str | Path):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def tmp_dir_for(final: str | Path) -> Path:
+    """An empty temp directory beside `final` (`.tmp-NAME`, what a crashed writer left there removed)."""
+    final = Path(final)
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_dir(tmp: str | Path, final: str | Path) -> Path:
+    """Publish a finished temp directory under its final name, replacing an older one: readers see the old
+    directory or the new one, never a half-written one."""
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

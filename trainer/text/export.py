@@ -3,24 +3,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
+from l2c.atomic import replace_dir, tmp_dir_for
 from l2c.pipeline.encoder import save_encoder_settings
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temp directory to its final name, replacing an older one."""
-    if final.exists():
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
 
 
 def is_peft(model: torch.nn.Module) -> bool:
@@ -39,13 +27,11 @@ def export_text_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, se
     if is_peft(model):
         if adapter_dir is not None:
             adapter_dir = Path(adapter_dir)
-            tmp = adapter_dir.with_name(f".tmp-{adapter_dir.name}")
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = tmp_dir_for(adapter_dir)
             model.save_pretrained(tmp)
             replace_dir(tmp, adapter_dir)
         model = model.merge_and_unload()
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = tmp_dir_for(Path(out_dir))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     save_encoder_settings(tmp, **settings)

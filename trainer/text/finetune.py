@@ -77,8 +77,7 @@ def save_checkpoint(out: Path, stage: str, step: int, model, optimizer, schedule
     name = f"{stage}-{step:07d}"
     tmp = out / CKPT_DIR / f".tmp-{name}"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        atomic.tmp_dir_for(out / CKPT_DIR / name)
     D.barrier()
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     D.barrier()
@@ -86,9 +85,7 @@ def save_checkpoint(out: Path, stage: str, step: int, model, optimizer, schedule
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"stage": stage, "step": step, **info}, indent=2))
-        final = out / CKPT_DIR / name
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        atomic.replace_dir(tmp, out / CKPT_DIR / name)
         for old in list_checkpoints(out)[:-keep_last]:
             shutil.rmtree(old.path, ignore_errors=True)
     D.barrier()
@@ -268,18 +265,15 @@ def run_mntp(run: Run, model, tokenizer, info: dict, sentences: list[str], resum
         return None
     model = D.unwrap(model)
     if run.rank == 0:
-        tmp = stage_dir.with_name(".tmp-mntp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = atomic.tmp_dir_for(stage_dir)
         if cfg.lora.enabled:
             model.save_pretrained(tmp)
         else:
             from safetensors.torch import save_file
 
-            tmp.mkdir(parents=True)
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         (tmp / "DONE").write_text("mntp finished\n")
-        shutil.rmtree(stage_dir, ignore_errors=True)
-        tmp.rename(stage_dir)
+        atomic.replace_dir(tmp, stage_dir)
     D.barrier()
     merged = model.merge_and_unload() if cfg.lora.enabled else model
     for p in merged.parameters():

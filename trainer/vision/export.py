@@ -15,7 +15,6 @@ Layout::
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -44,9 +43,7 @@ def export_model(
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = atomic.tmp_dir_for(out_dir)
     model.tower.save_pretrained(tmp / "vision")
     if processor is not None:
         processor.save_pretrained(tmp / "vision")
@@ -75,13 +72,7 @@ def export_model(
         **(extra or {}),
     }
     atomic.write_json(tmp / META, meta)
-    old = out_dir.with_name(f".old-{out_dir.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return atomic.replace_dir(tmp, out_dir)
 
 
 class ExportedModel(L2CModel):
