@@ -8,17 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from l2c.cache import TextCache
+from l2c.devices import pick_device
 from l2c.eval.errors import EvalError
 
 
 def resolve_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"--device {device}: no CUDA device is available")
-    return device
+    """`--device` as a string torch takes ("auto": the GPU if there is one)."""
+    return str(pick_device(device))
 
 
 def load_model(path: str | Path, device: str = "cpu"):

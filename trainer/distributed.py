@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from l2c.devices import pick_device  # noqa: F401  (the trainers' device picker)
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -30,15 +32,6 @@ def maybe_init_torchrun() -> None:
     if is_dist() or int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
         return
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """`device` as given; else this rank's GPU (LOCAL_RANK, as torchrun and Ray Train set it), else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
