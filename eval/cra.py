@@ -90,6 +90,7 @@ def cra_from_cache(
         text_cache=str(cache_dir),
         model=cache.settings.get("model"),
         model_fingerprint=cache.fingerprint,
+        prompt_format=cache.settings.get("prompt_format", "none"),
     )
     return out
 
@@ -130,6 +131,10 @@ def run_cra(
     backend: search.Backend = "auto",
 ) -> dict:
     """`l2c eval-cra`: CRA of a text cache, or of a captions file embedded with `model` first."""
+    if out is not None:  # an unwritable --out fails here, not after the features are computed
+        from l2c.storage import Store
+
+        Store(out).check_writable()
     import shutil
     import tempfile
 

@@ -164,6 +164,10 @@ def run_retrieval(
 
     With `ray_address` the image features are computed by Ray tasks across the cluster (`eval/ray_features.py`).
     """
+    if out is not None:  # an unwritable --out fails here, not after the features are computed
+        from l2c.storage import Store
+
+        Store(out).check_writable()
     from l2c.cache import TextCache
     from l2c.eval import report
     from l2c.eval.features import count_samples, expand_shards, extract_image_features

@@ -56,8 +56,10 @@ def load_templates(path: str | Path | None) -> list[str]:
     return templates
 
 
-def load_text_encoder(meta: dict, text_model: str | Path | None = None, device: str | None = None):
-    """The encoder that made the model's text cache, with the same settings; its fingerprint is checked."""
+def load_text_encoder(meta: dict, text_model: str | Path | None = None, device: str | None = None,
+                      prompt_format: str | None = None):  # fmt: skip
+    """The encoder that made the model's text cache, with the same settings (prompt format included: a cache
+    written before formats were recorded was made with `none`); its fingerprint is checked."""
     from l2c.models import fingerprint, resolve_model
     from l2c.pipeline.encoder import TextEncoder
 
@@ -94,6 +96,7 @@ def load_text_encoder(meta: dict, text_model: str | Path | None = None, device: 
         device=device,
         bidirectional=s.get("bidirectional"),
         lora=s.get("lora"),
+        prompt_format=prompt_format or s.get("prompt_format", "none" if s.get("model") else None),
     )
 
 
@@ -172,7 +175,8 @@ def zeroshot_metrics(
     ]
     return {
         "top1": float(100.0 * np.mean(pred == labels)),
-        "top5": float(100.0 * np.mean((top == labels[:, None]).any(axis=1))),
+        # top-5 means something only with more than 5 classes (else every image scores 100%)
+        "top5": float(100.0 * np.mean((top == labels[:, None]).any(axis=1))) if n > 5 else None,
         "n_images": int(len(labels)),
         "n_classes": n,
         "per_class_accuracy": per_class,
@@ -192,8 +196,13 @@ def run_zeroshot(
     batch_size: int = 64,
     device: str = "auto",
     top_confused: int = 10,
+    prompt_format: str | None = None,
 ) -> dict:
     """`l2c eval-zeroshot`: classify labelled image shards by class-name prompts."""
+    if out is not None:  # an unwritable --out fails here, not after the features are computed
+        from l2c.storage import Store
+
+        Store(out).check_writable()
     from l2c.eval import report
     from l2c.eval.features import count_samples, expand_shards, extract_image_features
     from l2c.eval.model import load_model, resolve_device
@@ -203,16 +212,22 @@ def run_zeroshot(
     templates = load_templates(templates_file)
     shards = expand_shards(images)
     net = load_model(model, device)
-    encoder = load_text_encoder(net.meta, text_model, device)
+    encoder = load_text_encoder(net.meta, text_model, device, prompt_format)
     report.console.print(
         f"{len(classes)} classes × {len(templates)} template(s) through {encoder.info.get('path', '')}"
     )
     classifier = build_classifier(net, encoder, classes, templates)
+    encoder_format = encoder.prompt_format
     del encoder
     with report.progress(f"image features ({len(shards)} shards)", count_samples(shards), "img") as advance:
         img = extract_image_features(net, shards, batch_size, device, fields=(label_field,), progress=advance)
     labels, missing = label_indices(img.values[label_field], classes, label_field)
     keep = labels >= 0
+    if not keep.any():
+        raise EvalError(
+            f"none of the {len(labels)} image(s) has a label in {label_field!r} naming one of the "
+            f"{len(classes)} classes (e.g. {classes[:3]}): check --label-field and the classes file"
+        )
     result = zeroshot_metrics(img.features[keep], labels[keep], classifier, classes, top_confused)
     result = {
         "top1": result.pop("top1"),
@@ -226,6 +241,7 @@ def run_zeroshot(
         "classes": classes,
         "templates": templates,
         "label_field": label_field,
+        "prompt_format": encoder_format,
         "model": str(model),
         "images": shards,
     }

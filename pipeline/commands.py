@@ -27,6 +27,7 @@ def embed_captions(
     instruction: Annotated[str | None, typer.Option(help="prefix fed to the model but left out of pooling")] = None,
     lora: Annotated[str | None, typer.Option(help="peft LoRA adapter dir, merged at load")] = None,
     bidirectional: Annotated[bool | None, typer.Option("--bidirectional/--causal", help="decoders: attention mode (default bidirectional)")] = None,
+    prompt_format: Annotated[str | None, typer.Option(help="none | llm2vec-llama3 | llm2vec-mistral | llm2vec-qwen2 | llm2vec-gemma2: wrap each caption as llm2vec does (default: the model's; llm2vec-llama3 for a released LLM2CLIP teacher)")] = None,
     batch_tokens: Annotated[int, typer.Option(help="padded tokens per batch")] = 16384,
     max_batch_size: Annotated[int | None, typer.Option(help="captions per batch at most (default 512 on GPU, 64 on CPU)")] = None,
     num_actors: Annotated[int | None, typer.Option(help="encoder actors (default: one per GPU, else 1)")] = None,
@@ -52,7 +53,7 @@ def embed_captions(
         sources=list(sources), out=str(out), model=model, text_fields=list(text_field), key_field=key_field,
         engine=engine, pooling=pooling, normalize=normalize, max_length=max_length, dtype=dtype,
         store_dtype=store_dtype, instruction=instruction, lora=lora, bidirectional=bidirectional,
-        batch_tokens=batch_tokens, max_batch_size=max_batch_size, num_actors=num_actors,
+        prompt_format=prompt_format, batch_tokens=batch_tokens, max_batch_size=max_batch_size, num_actors=num_actors,
         cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, actor_resources=resources,
         read_actors=read_actors, ray_address=ray_address,
         overwrite=overwrite, strict=strict, progress=progress,
@@ -68,6 +69,8 @@ def print_embed_summary(s: dict) -> None:
     if s["shards_failed"]:
         t.add_row("[red]shards unreadable", ", ".join(s["shards_failed"]))
     t.add_row("vectors in cache", f"{s['rows']:,} × {s['dim']}")
+    if s.get("prompt_format"):
+        t.add_row("prompt format", f"{s['prompt_format']}  ({s.get('prompt_format_source') or 'default'})")
     t.add_row("written this run", f"{s['rows_written']:,} captions, {s['tokens_written']:,} tokens")
     t.add_row("throughput", f"{s['captions_per_s']:,.1f} captions/s, {s['tokens_per_s']:,.0f} tokens/s")
     t.add_row("padding fraction", f"{s['padding_fraction']:.1%}")
@@ -104,8 +107,10 @@ def cache_info(
     else:
         t = Table(title=f"text cache {cache}", show_header=False)
         for k in ("model", "model_fingerprint", "engine", "pooling", "normalize", "max_length", "dtype",
-                  "store_dtype", "dim", "instruction", "fields"):  # fmt: skip
-            v = c.settings.get(k)
+                  "store_dtype", "dim", "instruction", "prompt_format", "fields"):  # fmt: skip
+            v = c.settings.get(k, "none" if k == "prompt_format" else None)
+            if k == "prompt_format" and c.settings.get("prompt_format_source"):
+                v = f"{v}  ({c.settings['prompt_format_source']})"
             t.add_row(k, (str(v)[:16] + "…") if k == "model_fingerprint" else str(v))
         t.add_row("shards / rows", f"{info['shards']} / {info['rows']:,}")
         t.add_row("rejected / truncated", f"{info['rejected']:,} / {info['truncated']:,}")

@@ -16,13 +16,27 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from l2c.cache import MANIFEST, REJECTED, REJECTED_DIR, CacheError, Manifest, ShardEntry, open_cache_store
+from l2c.cache import (
+    JOURNAL_DIR,
+    MANIFEST,
+    REJECTED,
+    REJECTED_DIR,
+    CacheError,
+    Manifest,
+    ShardEntry,
+    open_cache_store,
+)
+from l2c.config import ConfigError
+from l2c.errors import L2CError
+from l2c.lock import OutputLock
 from l2c.ray_utils import valid_resources
 from l2c.storage import Store
 
 # Settings that must match for a rerun to add to an existing cache.
 IDENTITY_KEYS = ("model_fingerprint", "engine", "pooling", "normalize", "max_length", "dtype", "store_dtype",
-                 "instruction", "fields", "key_field", "dim", "bidirectional")  # fmt: skip
+                 "instruction", "fields", "key_field", "dim", "bidirectional", "prompt_format")  # fmt: skip
+# What a cache written before a setting existed was made with.
+IDENTITY_DEFAULTS = {"prompt_format": "none"}
 
 
 @dataclass
@@ -43,6 +57,7 @@ class EmbedConfig:
     instruction: str | None = None
     lora: str | None = None
     bidirectional: bool | None = None
+    prompt_format: str | None = None  # none | llm2vec-llama3 | ... (default: the model's, see encoder.default_prompt_format)
     batch_tokens: int = 16384
     max_batch_size: int | None = None  # default: 512 on GPU, 64 on CPU (where padding is pure cost)
     num_actors: int | None = None
@@ -58,38 +73,40 @@ class EmbedConfig:
     def validate(self) -> None:
         from l2c.cache import STORE_DTYPES
         from l2c.pipeline.encoder import DTYPES, POOLINGS
+        from l2c.pipeline.prompt_formats import get_format
 
+        get_format(self.prompt_format)  # an unknown name is an L2CError naming the known ones
         if self.engine not in ("hf", "vllm"):
-            raise ValueError(f"--engine must be hf or vllm, got {self.engine!r}")
+            raise ConfigError(f"--engine must be hf or vllm, got {self.engine!r}")
         if self.pooling is not None and self.pooling not in POOLINGS:
-            raise ValueError(f"--pooling must be one of {POOLINGS}")
+            raise ConfigError(f"--pooling must be one of {POOLINGS}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {DTYPES}")
+            raise ConfigError(f"--dtype must be one of {DTYPES}")
         if self.store_dtype not in STORE_DTYPES:
-            raise ValueError(f"--store-dtype must be one of {sorted(STORE_DTYPES)}")
+            raise ConfigError(f"--store-dtype must be one of {sorted(STORE_DTYPES)}")
         if not self.text_fields:
-            raise ValueError("at least one --text-field is needed")
+            raise ConfigError("at least one --text-field is needed")
         if self.max_batch_size is not None and self.max_batch_size < 1:
-            raise ValueError("--max-batch-size must be positive")
+            raise ConfigError("--max-batch-size must be positive")
         if self.max_length < 4 or self.batch_tokens < self.max_length:
-            raise ValueError("need max_length >= 4 and batch_tokens >= max_length")
+            raise ConfigError("need max_length >= 4 and batch_tokens >= max_length")
         if self.num_actors is not None and self.num_actors < 1 or self.read_actors is not None and self.read_actors < 1:
-            raise ValueError("--num-actors and --read-actors must be positive")
+            raise ConfigError("--num-actors and --read-actors must be positive")
         if not valid_resources(self.actor_resources):
-            raise ValueError(f"--actor-resources must map resource names to numbers >= 0, got {self.actor_resources}")
+            raise ConfigError(f"--actor-resources must map resource names to numbers >= 0, got {self.actor_resources}")
 
 
 # ---------------------------------------------------------------- stage 1: read, validate, tokenize
 class ReadTokenize:
     """Ray Data actor: one source shard in, its accepted captions as token ids (plus rejects) out."""
 
-    def __init__(self, model_path: str, text_fields, key_field, max_length, instruction):
+    def __init__(self, model_path: str, text_fields, key_field, max_length, instruction, prompt_format="none"):
         from transformers import AutoTokenizer
 
         from l2c.pipeline.encoder import CaptionTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_path)
-        self.captions = CaptionTokenizer(tok, max_length, instruction)
+        self.captions = CaptionTokenizer(tok, max_length, instruction, prompt_format)
         self.args = (text_fields, key_field)
 
     def __call__(self, batch: dict) -> dict:
@@ -157,6 +174,7 @@ def make_encoder(spec: dict):
     return TextEncoder.load(
         spec["model_path"], pooling=spec["pooling"], normalize=spec["normalize"], max_length=spec["max_length"],
         dtype=spec["dtype"], instruction=spec["instruction"], bidirectional=spec["bidirectional"], lora=spec["lora"],
+        prompt_format=spec.get("prompt_format", "none"),
     )  # fmt: skip
 
 
@@ -216,16 +234,33 @@ def _reason_counts(rejects: list[dict]) -> dict[str, int]:
 # ---------------------------------------------------------------- driver
 def resolve_settings(cfg: EmbedConfig, gpus_available: bool) -> tuple[dict, dict]:
     """(settings recorded in the manifest, spec the actors load the model with)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     from l2c.models import fingerprint, resolve_model
-    from l2c.pipeline.encoder import is_decoder_config, read_encoder_settings, resolve_dtype
+    from l2c.pipeline.encoder import (
+        check_bidirectional_supported,
+        default_prompt_format,
+        is_decoder_config,
+        read_encoder_settings,
+        released_class,
+        resolve_dtype,
+    )
+    from l2c.pipeline.prompt_formats import check_tokenizer, get_format
 
     path = resolve_model(cfg.model)
     saved = read_encoder_settings(path)
     mcfg = AutoConfig.from_pretrained(path)
     decoder = is_decoder_config(mcfg)
+    released = released_class(mcfg)
     bidirectional = cfg.bidirectional if cfg.bidirectional is not None else saved.get("bidirectional", decoder)
+    if released or (decoder and bidirectional):
+        check_bidirectional_supported(mcfg, path)
+    if cfg.prompt_format is not None:
+        prompt_format, format_source = cfg.prompt_format, "--prompt-format"
+    else:
+        prompt_format, format_source = default_prompt_format(path, mcfg, saved)
+    if prompt_format != "none":  # refused here, before any actor starts
+        check_tokenizer(get_format(prompt_format), AutoTokenizer.from_pretrained(path), str(path))
     dtype = str(resolve_dtype(cfg.dtype, "cuda" if gpus_available else "cpu")).replace("torch.", "")
     lora_fp = fingerprint(cfg.lora) if cfg.lora else None
     settings = {
@@ -241,6 +276,9 @@ def resolve_settings(cfg: EmbedConfig, gpus_available: bool) -> tuple[dict, dict
         "dtype": dtype,
         "store_dtype": cfg.store_dtype,
         "instruction": cfg.instruction if cfg.instruction is not None else saved.get("instruction", ""),
+        "prompt_format": prompt_format,
+        "prompt_format_source": format_source,  # recorded, not an identity key
+        "released_class": released,  # e.g. LlamaBiModel: a released llm2vec-style teacher
         "bidirectional": bool(bidirectional) if decoder else True,
         "is_decoder": decoder,
         "fields": list(cfg.text_fields),
@@ -248,7 +286,7 @@ def resolve_settings(cfg: EmbedConfig, gpus_available: bool) -> tuple[dict, dict
         "dim": int(mcfg.hidden_size),
     }
     spec = {k: settings[k] for k in ("model_path", "pooling", "normalize", "max_length", "dtype", "instruction",
-                                     "lora", "store_dtype", "engine", "dim")}  # fmt: skip
+                                     "lora", "store_dtype", "engine", "dim", "prompt_format")}  # fmt: skip
     spec.update(bidirectional=bidirectional, batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size)
     return settings, spec
 
@@ -257,16 +295,16 @@ def open_manifest(out: Store, settings: dict, overwrite: bool) -> Manifest:
     """The existing manifest when settings agree; a fresh one (old outputs removed) with --overwrite."""
     if out.exists(MANIFEST):
         old = Manifest.load(out)
-        diff = {k: (old.settings.get(k), settings.get(k)) for k in IDENTITY_KEYS
-                if old.settings.get(k) != settings.get(k)}  # fmt: skip
+        was = {k: old.settings.get(k, IDENTITY_DEFAULTS.get(k)) for k in IDENTITY_KEYS}
+        diff = {k: (was[k], settings.get(k)) for k in IDENTITY_KEYS if was[k] != settings.get(k)}
         if not diff:
             old.settings = settings
             return old
         if not overwrite:
-            lines = "\n".join(f"  {k}: cache has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+            what = "; ".join(f"{k}: cache has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
             raise CacheError(
-                f"{out} already holds a cache made with other settings:\n{lines}\n"
-                "Use another --out, or --overwrite to discard it."
+                f"{out} already holds a cache made with other settings ({what}): "
+                "use another --out, or --overwrite to discard it"
             )
         for name in [*out.list("", ".parquet"), MANIFEST, REJECTED]:
             out.remove(name)
@@ -298,18 +336,20 @@ def run_embed(cfg: EmbedConfig) -> dict:
         import importlib.util
 
         if importlib.util.find_spec("vllm") is None:
-            raise RuntimeError("--engine vllm needs vLLM: pip install 'l2c[vllm]' (or `make install-vllm` on CPU)")
+            raise L2CError("--engine vllm needs vLLM: pip install 'l2c[vllm]' (or `make install-vllm` on CPU)")
         if cfg.lora:
-            raise ValueError("--engine vllm does not merge LoRA adapters: pass the merged model directory "
+            raise L2CError("--engine vllm does not merge LoRA adapters: pass the merged model directory "
                              "(finetune-text writes OUT/model/) as --model, or use --engine hf")
     sources = expand_sources(cfg.sources)
     if not sources:
-        raise ValueError("no sources given")
+        raise L2CError(f"no sources: {' '.join(cfg.sources) or 'none given'} matched no file")
     names = shard_names(sources)
     out = open_cache_store(cfg.out)
     out.makedirs()
+    lock = OutputLock.acquire(out, "embed-captions")  # a second job into the same --out is refused here
     out.remove_stale_tmp()
     out.remove_stale_tmp(REJECTED_DIR)
+    out.remove_stale_tmp(JOURNAL_DIR)
 
     started = init_ray(cfg.ray_address)
     t0 = time.time()
@@ -328,6 +368,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
             results = _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out)
         n_rejects = assemble_rejects(out, [names[s] for s in sources])
     finally:
+        lock.release()
         if started:
             ray.shutdown()
     return _summary(cfg, sources, names, manifest, results, skipped, n_rejects, time.time() - t0)
@@ -352,7 +393,7 @@ def _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out) -
     ds = ds.map_batches(
         ReadTokenize, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_readers), num_cpus=0.5,
         fn_constructor_args=(spec["model_path"], settings["fields"], settings["key_field"],
-                             settings["max_length"], settings["instruction"]),
+                             settings["max_length"], settings["instruction"], settings["prompt_format"]),
     )  # fmt: skip
     ds = ds.map_batches(
         EncodeShard, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=min(cpus_per, max(cpus - 1, 0.5)),
@@ -373,12 +414,12 @@ def _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out) -
             res["shard"] = row["shard"]
             results.append(res)
             if res["status"] == "done":
-                manifest.shards[row["shard"]] = ShardEntry(**res["entry"])
-                manifest.save(out)
+                manifest.record(out, row["shard"], ShardEntry(**res["entry"]))  # flat cost per shard
             elif res["status"] == "strict" and strict_fail is None:
                 strict_fail = res
             e = res.get("entry", {})
             bar.advance(sizes[row["shard"]], e.get("rows", 0), e.get("n_tokens", 0))
+    manifest.save(out)  # the journal folded into manifest.json
     if strict_fail:
         rejects_file = out.display(f"{REJECTED_DIR}/{strict_fail['shard']}.jsonl")
         raise CacheError(
@@ -425,4 +466,7 @@ def _summary(cfg, sources, names, manifest, results, skipped, n_rejects, elapsed
         "tokens_per_s": toks_new / elapsed if elapsed else 0.0,
         "dim": manifest.settings["dim"],
         "model_fingerprint": manifest.settings["model_fingerprint"],
+        "prompt_format": manifest.settings.get("prompt_format", "none"),
+        "prompt_format_source": manifest.settings.get("prompt_format_source", ""),
+        "released_class": manifest.settings.get("released_class"),
     }

@@ -12,9 +12,13 @@ How each setting maps onto vLLM (0.32):
                                      loading, every attention layer's type is checked (or, where vLLM
                                      cannot show its layers, the model type against that list); a model
                                      class that ignores the switch is refused, never run causal silently.
-  --instruction                      vLLM's poolers always pool the whole prompt. With an instruction the
-                                     engine asks for every token's hidden state (`task="token_embed"`,
-                                     ALL pooling, no activation) and pools the caption span on the host.
+  --instruction, --prompt-format     vLLM's poolers always pool the whole prompt. With an instruction, or
+                                     an llm2vec prompt format (whose header tokens are attended to, not
+                                     pooled), the engine asks for every token's hidden state
+                                     (`task="token_embed"`, ALL pooling, no activation) and pools each
+                                     caption's span (`pool_start`) on the host.
+  released llm2vec layouts           a config naming `LlamaBiModel` (remote code) is loaded as vLLM's own
+                                     class for the model type (`hf_overrides` architectures), weights as they are.
 
 What vLLM cannot do here, and what the engine does about it:
   * keep a prefix out of MEAN/CLS/LAST pooling: not supported; the token_embed route above works but
@@ -82,10 +86,16 @@ class VllmEncoder:
     """
 
     def __init__(self, spec: dict):
-        from transformers import AutoConfig
+        from transformers import MODEL_MAPPING, AutoConfig
 
         from l2c.models import resolve_model
-        from l2c.pipeline.encoder import is_decoder_config, read_encoder_settings, resolve_dtype
+        from l2c.pipeline.encoder import (
+            default_prompt_format,
+            is_decoder_config,
+            read_encoder_settings,
+            released_class,
+            resolve_dtype,
+        )
 
         path = resolve_model(spec["model_path"])
         if spec.get("lora") or ((path / "adapter_config.json").exists() and not (path / "config.json").exists()):
@@ -108,6 +118,8 @@ class VllmEncoder:
         self.normalize = bool(spec.get("normalize", True))
         instruction = spec.get("instruction")
         self.instruction = saved.get("instruction", "") if instruction is None else instruction
+        self.prompt_format = spec.get("prompt_format") or default_prompt_format(path, config, saved)[0]
+        self.released_class = released_class(config)
         self.max_length = int(spec.get("max_length", 512))
         self.dim = int(config.hidden_size)
         if spec.get("dim") not in (None, self.dim):
@@ -129,7 +141,7 @@ class VllmEncoder:
         self.max_model_len = min(self.max_length, int(positions)) if positions else self.max_length
 
         # Without an instruction vLLM pools whole prompts; with one, every token comes back for host pooling.
-        self.task = "token_embed" if self.instruction else "embed"
+        self.task = "token_embed" if self.instruction or self.prompt_format != "none" else "embed"
         if self.task == "embed":
             pooler = PoolerConfig(task="embed", seq_pooling_type=SEQ_POOLING[self.pooling],
                                   use_activation=self.normalize)  # fmt: skip
@@ -145,6 +157,8 @@ class VllmEncoder:
         )  # fmt: skip
         if self.is_decoder:
             kwargs["hf_overrides"] = {"is_causal": not self.bidirectional}
+            if self.released_class:  # LlamaBiModel (remote code) → vLLM's LlamaModel on the same weights
+                kwargs["hf_overrides"]["architectures"] = [MODEL_MAPPING[type(config)].__name__]
         kwargs.update(spec.get("vllm_kwargs") or {})  # e.g. load_format="dummy" for benchmarks
         # The packaged MiniLM's sentence-transformers config caps vLLM at 256 tokens; BERT has 512 positions,
         # and max_model_len never exceeds max_position_embeddings here, so lifting the cap is safe.
@@ -162,11 +176,12 @@ class VllmEncoder:
     @classmethod
     def load(cls, model: str | Path, pooling: str | None = None, normalize: bool = True, max_length: int = 512,
              dtype: str = "auto", instruction: str | None = None, bidirectional: bool | None = None,
-             batch_tokens: int = 16384, max_batch_size: int = 512) -> VllmEncoder:  # fmt: skip
+             batch_tokens: int = 16384, max_batch_size: int = 512,
+             prompt_format: str | None = None) -> VllmEncoder:  # fmt: skip
         """Like `TextEncoder.load`, for direct use outside a job."""
         spec = dict(model_path=str(model), pooling=pooling, normalize=normalize, max_length=max_length, dtype=dtype,
                     instruction=instruction, bidirectional=bidirectional, lora=None, batch_tokens=batch_tokens,
-                    max_batch_size=max_batch_size)  # fmt: skip
+                    max_batch_size=max_batch_size, prompt_format=prompt_format)  # fmt: skip
         return cls(spec)
 
     def _check_cpu_head_size(self, config) -> None:
@@ -203,7 +218,8 @@ class VllmEncoder:
 
     def settings(self) -> dict:
         return {"engine": "vllm", "pooling": self.pooling, "normalize": self.normalize, "max_length": self.max_length,
-                "instruction": self.instruction, "bidirectional": self.bidirectional, "is_decoder": self.is_decoder,
+                "instruction": self.instruction, "prompt_format": self.prompt_format,
+                "bidirectional": self.bidirectional, "is_decoder": self.is_decoder,
                 "dtype": self.dtype, "dim": self.dim, "task": self.task, "max_model_len": self.max_model_len}  # fmt: skip
 
     def encode_tokenized(self, tok, batch_tokens: int = 16384, max_batch_size: int = 512,
@@ -224,7 +240,8 @@ class VllmEncoder:
             )
         pool_start = np.asarray(tok.pool_start, np.int64)
         if self.task == "embed" and pool_start.any():
-            raise ValueError("these captions carry an instruction; load the engine with the same --instruction")
+            raise ValueError("these captions carry an instruction or prompt format; load the engine with the same "
+                             "--instruction and --prompt-format")
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in ids]) for ids in tok.ids]
         results = self.llm.encode(prompts, pooling_task=self.task, use_tqdm=False)
         for i, r in enumerate(results):
@@ -249,7 +266,7 @@ class VllmEncoder:
 
         if not hasattr(self, "captions"):
             self.captions = CaptionTokenizer(AutoTokenizer.from_pretrained(self.path), self.max_length,
-                                             self.instruction)  # fmt: skip
+                                             self.instruction, self.prompt_format)  # fmt: skip
         return self.encode_tokenized(self.captions(texts))
 
     def shutdown(self) -> None:

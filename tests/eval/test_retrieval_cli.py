@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import typer
 from eval_reference import export_tiny_model, features_by_hand, reference_recall, write_shards
 
 from l2c.cli import main
@@ -63,23 +62,20 @@ def test_eval_retrieval_matches_reference(setup, make_cache, tmp_path):
     assert got["image_to_text"] == pytest.approx(i2t_l, abs=1e-6)
 
 
-def test_eval_retrieval_refuses_mismatched_cache(setup, make_cache):
+def test_eval_retrieval_refuses_mismatched_cache(refused, setup, make_cache):
     root, samples, _ = setup
     keys = [s["key"] for s in samples]
     rng = np.random.default_rng(1)
     args = ["eval-retrieval", "--model", str(root / "run"), "--images", str(root / "shards"), "--text-cache"]
     wrong_dim = make_cache(keys, ["txt"] * 30, rng.standard_normal((30, 8)), fingerprint="f00d")
-    with pytest.raises(typer.BadParameter, match="holds 8-d vectors but the model's adapter takes 16-d"):
-        main([*args, str(wrong_dim)])
+    refused([*args, str(wrong_dim)], "holds 8-d vectors but the model's adapter takes 16-d")
     wrong_fp = make_cache(keys, ["txt"] * 30, rng.standard_normal((30, TEXT_DIM)), fingerprint="beef")
-    with pytest.raises(typer.BadParameter, match="fingerprint beef"):
-        main([*args, str(wrong_fp)])
+    refused([*args, str(wrong_fp)], "fingerprint beef")
     good = make_cache(keys, ["txt"] * 30, rng.standard_normal((30, TEXT_DIM)), fingerprint="f00d")
-    with pytest.raises(typer.BadParameter, match=r"field\(s\) \['long'\] are not in the text cache"):
-        main([*args, str(good), "--fields", "long"])
+    refused([*args, str(good), "--fields", "long"], r"field\(s\) \['long'\] are not in the text cache")
 
 
-def test_eval_retrieval_missing_and_duplicate_keys(setup, make_cache, tmp_path):
+def test_eval_retrieval_missing_and_duplicate_keys(refused, setup, make_cache, tmp_path):
     root, samples, _ = setup
     keys = [s["key"] for s in samples]
     rng = np.random.default_rng(2)
@@ -88,8 +84,7 @@ def test_eval_retrieval_missing_and_duplicate_keys(setup, make_cache, tmp_path):
     cache = make_cache(t_keys, ["txt"] * 30, rng.standard_normal((30, TEXT_DIM)), fingerprint="f00d")
     args = ["eval-retrieval", "--model", str(root / "run"), "--images", str(root / "shards"), "--text-cache",
             str(cache)]  # fmt: skip
-    with pytest.raises(typer.BadParameter, match=r"1 image\(s\) have no caption \('s0-0000'\)"):
-        main(args)
+    refused(args, r"1 image\(s\) have no caption \('s0-0000'\)")
     assert main([*args, "--allow-missing", "--out", str(tmp_path / "o")]) == 0
     got = json.loads((tmp_path / "o" / "eval.json").read_text())
     assert got["missing"]["image_keys"] == ["s0-0000"] and got["missing"]["text_keys"] == [
@@ -101,10 +96,7 @@ def test_eval_retrieval_missing_and_duplicate_keys(setup, make_cache, tmp_path):
     write_shards(dup, n_shards=1, per_shard=3)
     (dup / "shard-00000.tar").rename(dup / "a.tar")
     write_shards(dup, n_shards=1, per_shard=3, seed=1)
-    with pytest.raises(typer.BadParameter, match="duplicate image key 's0-0000'"):
-        main(
-            ["eval-retrieval", "--model", str(root / "run"), "--images", str(dup), "--text-cache", str(cache)]
-        )
+    refused(["eval-retrieval", "--model", str(root / "run"), "--images", str(dup), "--text-cache", str(cache)], "duplicate image key 's0-0000'")
 
 
 def test_eval_retrieval_on_ray_equals_in_process(setup, make_cache, ray_local, tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from l2c.cache import CacheError, TextCache, embedding_matrix
+from l2c.cache import CacheError, Manifest, TextCache, embedding_matrix
 from l2c.cli import main
 from l2c.pipeline.embed_job import EmbedConfig, run_embed
 from l2c.pipeline.encoder import TextEncoder
@@ -118,7 +118,7 @@ def test_kill_9_mid_job_then_rerun_equals_uninterrupted(ray_local, tmp_path, min
            "--model", str(minilm_path), "-f", "txt", "-f", "json:long_caption", "--no-progress"]  # fmt: skip
     m = out / "manifest.json"
     n_done = kill_mid_job(cmd, {**os.environ, "RAY_ADDRESS": ""},
-                          lambda: len(json.loads(m.read_text())["shards"]) if m.exists() else 0, total=5)  # fmt: skip
+                          lambda: len(Manifest.load(out).shards) if m.exists() else 0, total=5)  # fmt: skip
     assert 1 <= n_done < 5
     s = embed(shards, out, model=str(minilm_path))
     assert s["shards_skipped"] == n_done and s["shards_written"] == 5 - n_done

@@ -6,7 +6,6 @@ user would, in its own process with its own local Ray and the S3 settings in its
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
@@ -14,7 +13,7 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 
-from l2c.cache import TextCache
+from l2c.cache import Manifest, TextCache
 from l2c.pipeline.embed_job import EmbedConfig, run_embed
 from l2c.storage import Store
 from tests.pipeline.conftest import caption_shards, kill_mid_job, l2c_cli
@@ -48,10 +47,10 @@ def test_s3_sources_and_cache_survive_a_kill(ray_local, s3_server, s3_bucket, tm
     store = Store(out)
 
     def shards_done() -> int:
-        return len(json.loads(store.read_text("manifest.json"))["shards"]) if store.exists("manifest.json") else 0
+        return len(Manifest.load(store).shards) if store.exists("manifest.json") else 0  # manifest + journal
 
     kill_mid_job(cli_embed(src, out, minilm_path), env, shards_done, total=5)
-    recorded = json.loads(store.read_text("manifest.json"))["shards"]
+    recorded = Manifest.load(store).shards
     assert 1 <= len(recorded) < 5
     before = shard_objects(fs, out)
     # every object that carries a shard's name is whole (a killed upload publishes nothing)

@@ -76,6 +76,10 @@ def finetune_text_command(
     max_minutes: float = typer.Option(None, "--max-minutes", help="Stop with a checkpoint after this wall time."),
     num_workers: int = typer.Option(None, "--num-workers", help="Ray Train workers (0: this process)."),
     ray_address: str = typer.Option(None, "--ray-address", help="Join this Ray cluster."),
+    prompt_format: str = typer.Option(
+        None, "--prompt-format", help="none | llm2vec-llama3 | llm2vec-mistral | llm2vec-qwen2 | llm2vec-gemma2 "
+        "(default: the model's; llm2vec-llama3 for a released LLM2CLIP teacher).",
+    ),  # fmt: skip
     resume: bool = typer.Option(None, "--resume/--no-resume", help="Default: resume when OUT has a checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard OUT's checkpoints and outputs first."),
     overrides: list[str] = typer.Argument(None, help="Config overrides: section.key=value ..."),
@@ -89,7 +93,8 @@ def finetune_text_command(
 
     ovr = list(overrides or [])
     for key, value in (("model.path", model), ("train.max_steps", max_steps), ("train.max_minutes", max_minutes),
-                       ("dist.num_workers", num_workers), ("dist.ray_address", ray_address)):  # fmt: skip
+                       ("dist.num_workers", num_workers), ("dist.ray_address", ray_address),
+                       ("model.prompt_format", prompt_format)):  # fmt: skip
         if value is not None:
             ovr.append(f"{key}={value}")
     cfg = load_config(FinetuneTextConfig, config, ovr)

@@ -19,8 +19,13 @@ class TextModelConfig:
     max_length: int = 128  # tokens per caption (longer ones are truncated)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     gradient_checkpointing: bool = False
+    prompt_format: str | None = None  # llm2vec-llama3, ...: how captions are wrapped (None: the model's own)
 
     def validate(self) -> None:
+        from l2c.pipeline.prompt_formats import NAMES
+
+        if self.prompt_format is not None and self.prompt_format not in NAMES:
+            raise ConfigError(f"model.prompt_format must be one of {', '.join(NAMES)}, got {self.prompt_format!r}")
         if self.pooling not in ("mean", "cls", "last"):
             raise ConfigError(f"model.pooling must be mean, cls or last, got {self.pooling!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -166,6 +171,6 @@ class FinetuneTextConfig:
 # Settings whose change makes an existing checkpoint unusable (the rest may change between resumes:
 # max_steps to extend a run, eval and logging frequency, time bounds).
 RESUME_LOCKED = (
-    "model.path", "model.pooling", "model.bidirectional", "lora", "mntp",
+    "model.path", "model.pooling", "model.bidirectional", "model.prompt_format", "lora", "mntp",
     "data.pairs", "data.text_ratio", "data.text_corpus", "train.batch_size", "train.seed",
 )  # fmt: skip

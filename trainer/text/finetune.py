@@ -323,7 +323,8 @@ def train_worker(job: dict) -> None:
     torch.manual_seed(seed + rank)
 
     model, tokenizer, info = load_text_model(
-        cfg.model.path, dtype=cfg.model.dtype, device=str(device), bidirectional=cfg.model.bidirectional
+        cfg.model.path, dtype=cfg.model.dtype, device=str(device), bidirectional=cfg.model.bidirectional,
+        prompt_format=cfg.model.prompt_format,
     )
     run.info = info
     groups, report = load_caption_groups(
@@ -347,7 +348,7 @@ def train_worker(job: dict) -> None:
     model.to(device)
     eval_sets = [load_cra_set(p) for p in cfg.eval.captions]
     settings = {"pooling": cfg.model.pooling, "normalize": True, "max_length": cfg.model.max_length,
-                "instruction": ""}  # fmt: skip
+                "instruction": "", "prompt_format": info["prompt_format"]}  # fmt: skip
 
     def evaluate(net, step: int, full: bool) -> None:
         if rank != 0 or not eval_sets:

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds .venv-interop: the reference implementations l2c is checked against (`make test-interop`).
+#   * llm2vec 0.2.3, the library the official LLM2CLIP extraction runs (it pins transformers <= 4.44.2,
+#     so it cannot share .venv, whose transformers is >= 4.56);
+#   * clip-benchmark, whose recall@K is compared with l2c's.
+# l2c itself is not installed here: the interop tests run in .venv and call this venv's python as a
+# subprocess (tests/interop/llm2vec_reference.py) that writes the reference vectors to a file.
+# Idempotent: a stamp holding this script's hash makes a rerun a no-op.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${INTEROP_VENV:-.venv-interop}
+TORCH=${TORCH:-torch==2.13.0}
+LLM2VEC=${LLM2VEC:-llm2vec==0.2.3}
+STAMP="$VENV/.l2c-interop-installed"
+WANT="$(sha256sum "$0" | cut -d' ' -f1) $LLM2VEC $TORCH"
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] && "$VENV/bin/python" -c "import llm2vec" 2>/dev/null; then
+    echo "$VENV is up to date ($LLM2VEC, $TORCH)"
+    exit 0
+fi
+
+test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip)
+"${PIP[@]}" install -q --upgrade pip
+# torch alone first: the local CPU wheel (resolved together with other packages pip may pick a CUDA build).
+"${PIP[@]}" install -q "$TORCH"
+# llm2vec's own pins (transformers>=4.43.1,<=4.44.2); peft 0.13 is the last one that imports beside 4.44.
+# Its evaluation extras (datasets, evaluate, scikit-learn) are not needed to encode: --no-deps, then what
+# `import llm2vec` needs.
+"${PIP[@]}" install -q --no-deps "$LLM2VEC"
+"${PIP[@]}" install -q "$TORCH" "transformers==4.44.2" "peft==0.13.2" "tokenizers<0.20" numpy tqdm \
+    safetensors accelerate
+# clip-benchmark without open_clip/torchvision (PyPI torchvision does not import beside the local torch
+# wheel): the tests import only its retrieval metric module, which needs torch, numpy and tqdm.
+"${PIP[@]}" install -q --no-deps "clip-benchmark==1.6.2"
+
+"$VENV/bin/python" - <<'PY'
+import torch, transformers, llm2vec  # noqa: F401
+from llm2vec import LLM2Vec  # noqa: F401
+from clip_benchmark.metrics import zeroshot_retrieval  # noqa: F401
+print(f"llm2vec {llm2vec.__version__ if hasattr(llm2vec, '__version__') else '0.2.3'}, torch {torch.__version__}, "
+      f"transformers {transformers.__version__}")
+PY
+echo "$WANT" > "$STAMP"
