@@ -50,7 +50,9 @@ def cpu_model() -> str:
 
 def dense_captions(n: int) -> list[str]:
     """~150-token captions: the five COCO captions of an image joined with those of the next two images."""
-    rows = [json.loads(line) for line in (SHARED / "coco_val2017_captions.jsonl").open()]
+    from l2c.data.records import read_records
+
+    rows = list(read_records(SHARED / "coco_val2017_captions.jsonl"))
     caps = [" ".join(r["captions"]) for r in rows]
     return [" ".join(caps[(i + j) % len(caps)] for j in range(3)) for i in range(n)]
 
@@ -160,8 +162,9 @@ def bench_object_store(rows: int) -> dict:
 def bench_images(n_reps: int) -> dict:
     import torch
 
+    from l2c.data.images import decode_image
     from l2c.trainer.vision.tower import ImageSpec
-    from l2c.trainer.vision.transforms import decode_image, train_transform
+    from l2c.trainer.vision.transforms import train_transform
 
     photos = sorted((SHARED / "coco_mini_val2017").glob("*.jpg"))
     blobs = [p.read_bytes() for p in photos]

@@ -48,10 +48,10 @@ def prepare(work: Path, n: int) -> tuple[list[str], Path, dict]:
 
 def captions_of(shards: list[str]) -> dict:
     """(key, field) -> caption text, read from the tars (what the in-loop encoder needs)."""
-    import webdataset as wds
+    from l2c.data.shards import read_tar
 
     out = {}
-    for s in wds.WebDataset(shards, shardshuffle=False):
+    for s in (s for url in shards for s in read_tar(url)):
         out[(s["__key__"], "txt")] = s["txt"].decode()
         out[(s["__key__"], "json:long_caption")] = json.loads(s["json"])["long_caption"]
     return out

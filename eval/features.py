@@ -1,13 +1,13 @@
 """Image features from webdataset shards through an exported model's vision tower.
 
-Samples are read in shard order; an image member (`jpg`, `jpeg`, `png`, `webp`) is decoded with PIL,
-preprocessed by the model and encoded in batches. Samples without an image or whose image does not
-decode are skipped and returned with the reason (callers report them); a key seen twice is an error.
+Samples are read in shard order with `l2c.data.shards.read_tar` (the reader embed-captions and train-vision
+use); an image member (`jpg`, `jpeg`, `png`, `webp`, any case) is decoded with PIL, preprocessed by the model
+and encoded in batches. Samples without an image, whose image does not decode, or that hold a member twice
+are skipped and returned with the reason (callers report them); a key seen twice is an error.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,49 +15,45 @@ from pathlib import Path
 
 import numpy as np
 
+from l2c.data.images import sample_image
 from l2c.eval.errors import EvalError
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def expand_shards(specs: list[str] | str) -> list[str]:
     """Image tars as `train-vision` finds them: files, directories, globs, brace ranges, fsspec URLs."""
-    from l2c.trainer.vision.data import expand_shards as expand
+    from l2c.data.shards import expand_shards as expand
 
     try:
-        return expand(specs)
+        return expand(specs, what="image shard")
     except FileNotFoundError as e:
         raise EvalError(f"no image shards found: {e}") from e
 
 
 def count_samples(shards: list[str]) -> int | None:
     """Samples in local uncompressed tars, from their headers (for progress); None when not cheap to tell."""
-    import tarfile
+    from l2c.data.shards import count_keys
 
     if not all(s.endswith(".tar") and Path(s).is_file() for s in shards):
         return None
-    keys = set()
-    for s in shards:
-        with tarfile.open(s) as tf:
-            for m in tf.getmembers():
-                if m.isfile():
-                    folder, _, base = m.name.rpartition("/")
-                    keys.add((s, folder, base.split(".")[0]))  # webdataset's sample key
-    return len(keys)
+    return sum(count_keys(s) for s in shards)
 
 
-def iter_samples(shards: list[str]) -> Iterator[dict]:
-    """webdataset samples (dicts of raw bytes by extension, plus `__key__` and `__url__`) in shard order.
+def iter_samples(shards: list[str], rejects: list | None = None) -> Iterator[dict]:
+    """webdataset samples (`l2c.data.shards.Sample`: raw bytes by suffix, plus `__key__` and `__url__`) in
+    shard order; samples the reader rejects (a member twice) are appended to `rejects`.
 
-    Read with the trainer's reader (local paths, `pipe:`, fsspec URLs); an unreadable or damaged tar is an
-    error naming it: evaluating on part of a test set would report figures of another set."""
-    from l2c.trainer.vision.data import read_tar
+    An unreadable or damaged tar is an error naming it: evaluating on part of a test set would report
+    figures of another set."""
+    from l2c.data.shards import read_tar
 
     for url in shards:
-        errors: list[str] = []
-        yield from read_tar(url, errors)
-        if errors:
-            raise EvalError(f"image shard {url} could not be read whole: {errors[0]}")
+        found: list = []
+        yield from read_tar(url, found)
+        bad = [r for r in found if r.reason == "unreadable_tar"]
+        if bad:
+            raise EvalError(f"image shard {url} could not be read whole: {bad[0].detail}")
+        if rejects is not None:
+            rejects += found
 
 
 def sample_field(sample: dict, spec: str):
@@ -76,21 +72,6 @@ def sample_field(sample: dict, spec: str):
     if raw is None:
         return None
     return raw.decode("utf-8").strip() if isinstance(raw, bytes) else raw
-
-
-def decode_image(sample: dict):
-    """(PIL RGB image, None) or (None, reason)."""
-    from PIL import Image
-
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        members = sorted(k for k in sample if not k.startswith("__"))
-        return None, f"no image member (has {members})"
-    try:
-        with Image.open(io.BytesIO(sample[ext])) as im:
-            return im.convert("RGB"), None
-    except Exception as e:  # truncated or not an image
-        return None, f"{ext} does not decode: {type(e).__name__}: {e}"
 
 
 @dataclass
@@ -129,12 +110,13 @@ def extract_image_features(
             progress(len(batch))
         batch.clear()
 
-    for sample in iter_samples(shards):
+    rejects: list = []  # l2c.data.shards.TarReject of samples with a member twice
+    for sample in iter_samples(shards, rejects):
         key = sample["__key__"]
         if key in seen:
             raise EvalError(f"duplicate image key {key!r} in {sample.get('__url__')} (first in {seen[key]})")
         seen[key] = sample.get("__url__", "")
-        img, reason = decode_image(sample)
+        img, reason = sample_image(sample)
         if img is None:
             skipped.append((key, reason))
             continue
@@ -145,6 +127,7 @@ def extract_image_features(
         if len(batch) >= batch_size:
             flush()
     flush()
+    skipped += [(r.key, f"{r.reason}: {r.detail}") for r in rejects]
     if not keys:
         raise EvalError(f"no decodable images in {len(shards)} shard(s) ({len(skipped)} samples skipped)")
     return ImageFeatures(keys, np.concatenate(parts).astype(np.float32), values, skipped)

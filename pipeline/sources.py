@@ -6,24 +6,21 @@ A field spec names where a caption lives:
   `captions[0]`          a list element; `captions[*]` gives one row per element present
   `meta.dense.text`      nested keys
 Every caption that cannot become a row is returned as a reject with its reason; nothing is dropped quietly.
+Tars and tables are read with `l2c.data` (`shards.read_tar`, `records.iter_records`), the readers train-vision
+and eval use, so the cache's rows follow the very samples, in the very order, the image stream sees.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import braceexpand
-import fsspec
-
+from l2c.data.records import RECORD_SUFFIXES, BadRecord, iter_records
+from l2c.data.shards import TAR_SUFFIXES, ShardSpecError, expand_shards, read_tar
 from l2c.errors import L2CError
-from l2c.storage import glob_urls, normalize
 
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
+TABLE_SUFFIXES = RECORD_SUFFIXES
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+|\*)\]")
 
 
@@ -32,30 +29,12 @@ class SourceError(L2CError, ValueError):
 
 
 def expand_sources(specs: list[str]) -> list[str]:
-    """Paths, globs, brace ranges (`shard-{000..009}.tar`) and fsspec URLs → an ordered, de-duplicated list."""
-    out: list[str] = []
-    for spec in specs:
-        for item in braceexpand.braceexpand(str(spec)):
-            item = normalize(item)  # a file:// URL is a local path (recorded as one, so reruns match)
-            if any(ch in item for ch in "*?["):
-                matches = glob_urls(item)
-                if not matches:
-                    raise SourceError(f"no file matches {item!r}")
-                out += matches
-            else:
-                out.append(item)
-    seen, unique = set(), []
-    for p in out:
-        p = str(Path(p).resolve()) if "://" not in p else p
-        if p not in seen:
-            seen.add(p)
-            unique.append(p)
-    for p in unique:
-        if not p.endswith(TAR_SUFFIXES + TABLE_SUFFIXES):
-            raise SourceError(f"{p}: unknown source type (expected {', '.join(TAR_SUFFIXES + TABLE_SUFFIXES)})")
-        if "://" not in p and not Path(p).exists():
-            raise SourceError(f"source {p} does not exist")
-    return unique
+    """Paths, directories, globs, brace ranges (`shard-{000..009}.tar`) and fsspec URLs → an ordered,
+    de-duplicated list (`l2c.data.shards.expand_shards`, as train-vision and eval expand their tars)."""
+    try:
+        return expand_shards(specs, TAR_SUFFIXES + TABLE_SUFFIXES, require_suffix=True, what="source")
+    except ShardSpecError as e:
+        raise SourceError(str(e)) from None
 
 
 def shard_names(sources: list[str]) -> dict[str, str]:
@@ -171,45 +150,6 @@ def _extract(record: dict, specs: list[FieldSpec]) -> list[tuple[str, object]]:
     return out
 
 
-def _tar_records(source: str) -> Iterator[dict]:
-    """Samples of a webdataset tar as dicts {__key__, ext: bytes}, grouped by key in file order."""
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
-
-    with fsspec.open(source, "rb", compression="infer") as stream:
-        current: dict | None = None
-        for item in tar_file_iterator(stream, handler=None):
-            prefix, suffix = base_plus_ext(item["fname"])
-            if prefix is None:
-                continue
-            if current is None or current["__key__"] != prefix or suffix in current:
-                if current is not None:
-                    yield current
-                current = {"__key__": prefix}
-            current[suffix] = item["data"]
-        if current is not None:
-            yield current
-
-
-def _table_records(source: str) -> Iterator[dict | Exception]:
-    if source.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        with fsspec.open(source, "rb") as f:
-            table = pq.read_table(f)
-        yield from table.to_pylist()
-        return
-    with fsspec.open(source, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                yield SourceError(f"line {lineno}: {type(e).__name__}: {str(e)[:80]}")
-                continue
-            yield rec if isinstance(rec, dict) else SourceError(f"line {lineno}: not a JSON object")
-
-
 def read_shard(source: str, shard: str, text_fields: list[str], key_field: str = "key") -> ShardRows:
     """Read one source into rows (key order kept; fields in spec order per key) plus counted rejects."""
     specs = [FieldSpec.parse(f) for f in text_fields]
@@ -222,12 +162,26 @@ def read_shard(source: str, shard: str, text_fields: list[str], key_field: str =
             {"shard": shard, "source": source, "key": key, "field": fld, "reason": reason, "detail": detail}
         )
 
-    try:
-        records = _tar_records(source) if is_tar else _table_records(source)
-        for rec in records:
+    tar_rejects: list = []  # from the shared tar reader: duplicate_member, unreadable_tar
+    done = 0
+
+    def tar_rejected() -> None:
+        """The reader's new rejects, in stream order: a rejected sample is counted; an unreadable tar raises."""
+        nonlocal done
+        for r in tar_rejects[done:]:
+            if r.reason == "unreadable_tar":
+                raise OSError(r.detail)
             rows.n_samples += 1
-            if isinstance(rec, Exception):
-                reject(None, None, "bad_record", str(rec))
+            reject(r.key, None, r.reason, r.detail)
+        done = len(tar_rejects)
+
+    try:
+        records = read_tar(source, tar_rejects) if is_tar else (rec for _, rec in iter_records(source))
+        for rec in records:
+            tar_rejected()
+            rows.n_samples += 1
+            if isinstance(rec, BadRecord):
+                reject(None, None, "bad_record", f"line {rec.line}: {rec.detail}")
                 continue
             key = rec.get("__key__") if is_tar else rec.get(key_field)
             if key is None or (isinstance(key, str) and not key.strip()):
@@ -249,6 +203,7 @@ def read_shard(source: str, shard: str, text_fields: list[str], key_field: str =
                     rows.keys.append(key)
                     rows.fields.append(name)
                     rows.texts.append(text)
+        tar_rejected()
     except Exception as e:  # unreadable or truncated shard: the whole shard is reported, nothing written
         return ShardRows(
             rejects=[{"shard": shard, "source": source, "key": None, "field": None,

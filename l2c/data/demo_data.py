@@ -436,11 +436,16 @@ def contact_sheet(out: str | Path, path: str | Path, split: str = "train", n: in
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import webdataset as wds
+
+    from l2c.data.images import image_member
+    from l2c.data.shards import read_tar
 
     samples = []
-    for s in wds.WebDataset([str(p) for p in list_shards(Path(out) / split)], shardshuffle=False):
-        samples.append(s)
+    for p in list_shards(Path(out) / split):
+        for s in read_tar(str(p)):
+            samples.append(s)
+            if len(samples) == n:
+                break
         if len(samples) == n:
             break
     rows = math.ceil(len(samples) / cols)
@@ -448,7 +453,7 @@ def contact_sheet(out: str | Path, path: str | Path, split: str = "train", n: in
     for ax in axes.flat:
         ax.axis("off")
     for ax, s in zip(axes.flat, samples, strict=False):
-        ext = "jpg" if "jpg" in s else "png"
+        ext = image_member(s)
         meta = json.loads(s["json"])
         ax.imshow(Image.open(io.BytesIO(s[ext])).convert("RGB"), interpolation="nearest")
         ax.set_title(f"{textwrap.fill(s['txt'].decode(), 28)}\n[label: {meta['label']}]", fontsize=7.5)

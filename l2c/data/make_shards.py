@@ -26,12 +26,13 @@ import os
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image
 
 from l2c import atomic
+from l2c.data.records import BadRecord, iter_records
 from l2c.data.writer import AtomicShardWriter, encode_sample, list_shards, progress_bar, shard_name
 from l2c.errors import L2CError
 
@@ -60,6 +61,16 @@ class MakeShardsConfig:
     jpeg_quality: int = 90
     strict: bool = False
     workers: int = min(4, os.cpu_count() or 1)
+    format: str = "jsonl"  # or an annotation layout in l2c.data.importers (karpathy, docci, ...)
+    subset: str | None = None  # the format's split, first N or language (None: what the official evaluation takes)
+    key_from_file_name: bool = False  # key = image file name without suffix, '.', '/' and spaces as '_'
+    select: str | None = None  # file of keys or image names: only those records
+    split: str | None = None  # "train=0.9,val=0.1": records go to parts by a hash of their key
+    split_name: str | None = None  # the part this run writes
+
+
+_OPTIONAL_SETTINGS = {"format": "jsonl", "subset": None, "key_from_file_name": False, "select": None,
+                      "split": None, "split_name": None}  # left out of the fingerprint when at these values
 
 
 @dataclass
@@ -89,61 +100,64 @@ def join_captions(captions: list[str]) -> str:
     return " ".join(c if c[-1] in ".!?" else c + "." for c in captions)
 
 
-def read_records(images_dir: Path, captions_file: Path, cfg: MakeShardsConfig) -> tuple[list[Record], list[dict]]:
-    """Parse and check every record (no image decoding yet); returns (accepted records, rejections)."""
+def read_records(images_dir: Path, captions_file: Path | None, cfg: MakeShardsConfig,
+                 source=None) -> tuple[list[Record], list[dict]]:
+    """Parse and check every record (no image decoding yet); returns (accepted records, rejections).
+
+    `source`: (line, record) pairs already read (`l2c.data.importers.load_source`) instead of `captions_file`."""
     records: list[Record] = []
     rejected: list[dict] = []
     seen: dict[str, int] = {}
-    with open(captions_file, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                rejected.append(_reject("bad_json", line_no, f"not valid JSON: {e.msg}"))
-                continue
-            if not isinstance(raw, dict):
-                rejected.append(_reject("bad_json", line_no, f"expected an object, got {type(raw).__name__}"))
-                continue
-            name = raw.get(cfg.image_field)
-            name = name.strip() if isinstance(name, str) and name.strip() else None
-            ref = {"file": name} if name else {}  # a rejected record's image is accounted for by the record
-            value = raw.get(cfg.key_field)
-            if value is None or str(value).strip() == "":
-                rejected.append(_reject("missing_key", line_no, f"no {cfg.key_field!r} field", **ref))
-                continue
-            key = str(value).strip()
-            if any(ch in key for ch in "./\\") or any(ch.isspace() for ch in key):
-                rejected.append(_reject("invalid_key", line_no, f"id {key!r} contains '.', '/', '\\' or spaces, "
-                                        "which webdataset member names cannot carry", key=key, **ref))
-                continue
-            if key in seen:
-                rejected.append(_reject("duplicate_id", line_no, f"id {key!r} already used on line {seen[key]}",
-                                        key=key, **ref))
-                continue
-            seen[key] = line_no
-            captions = clean_captions(raw.get(cfg.caption_field))
-            if not captions:
-                rejected.append(_reject("no_captions", line_no, f"no non-empty {cfg.caption_field!r}", key=key, **ref))
-                continue
-            if name is None:
-                rejected.append(_reject("missing_image_field", line_no, f"no {cfg.image_field!r} field", key=key))
-                continue
-            path = images_dir / name
-            if not path.is_file():
-                rejected.append(_reject("missing_file", line_no, f"{path} does not exist", key=key, **ref))
-                continue
-            records.append(Record(line_no, key, path, captions, raw))
+    for line_no, raw in (source if source is not None else iter_records(captions_file)):
+        if isinstance(raw, BadRecord):  # not JSON, not UTF-8, or not an object
+            rejected.append(_reject("bad_json", line_no, raw.detail))
+            continue
+        name = raw.get(cfg.image_field)
+        name = name.strip() if isinstance(name, str) and name.strip() else None
+        ref = {"file": name} if name else {}  # a rejected record's image is accounted for by the record
+        value = raw.get(cfg.key_field)
+        if cfg.key_from_file_name:
+            from l2c.data.importers import key_from_file_name
+
+            value = key_from_file_name(name) if name else None
+        if value is None or str(value).strip() == "":
+            what = f"no {cfg.image_field!r} to take the key from" if cfg.key_from_file_name else f"no {cfg.key_field!r} field"
+            rejected.append(_reject("missing_key", line_no, what, **ref))
+            continue
+        key = str(value).strip()
+        if any(ch in key for ch in "./\\") or any(ch.isspace() for ch in key):
+            rejected.append(_reject("invalid_key", line_no, f"id {key!r} contains '.', '/', '\\' or spaces, "
+                                    "which webdataset member names cannot carry", key=key, **ref))
+            continue
+        if key in seen:
+            rejected.append(_reject("duplicate_id", line_no, f"id {key!r} already used on line {seen[key]}",
+                                    key=key, **ref))
+            continue
+        seen[key] = line_no
+        captions = clean_captions(raw.get(cfg.caption_field))
+        if not captions:
+            rejected.append(_reject("no_captions", line_no, f"no non-empty {cfg.caption_field!r}", key=key, **ref))
+            continue
+        if name is None:
+            rejected.append(_reject("missing_image_field", line_no, f"no {cfg.image_field!r} field", key=key))
+            continue
+        path = images_dir / name
+        if not path.is_file():
+            rejected.append(_reject("missing_file", line_no, f"{path} does not exist", key=key, **ref))
+            continue
+        records.append(Record(line_no, key, path, captions, raw))
     return records, rejected
 
 
-def unreferenced_images(images_dir: Path, records: list[Record], rejected: list[dict]) -> list[dict]:
-    """Image files in the folder that no record names (they would otherwise be lost without a word)."""
+def unreferenced_images(images_dir: Path, records: list[Record], rejected: list[dict],
+                        selected_out: set[str] = frozenset()) -> list[dict]:
+    """Image files in the folder that no record names (they would otherwise be lost without a word);
+    `selected_out`: names of images whose records the subset or selection left out (not unreferenced)."""
     def norm(p: Path) -> str:
         return os.path.normpath(p.absolute())  # symlinks count as the names they are listed under
 
     named = {norm(r.path) for r in records} | {norm(images_dir / r["file"]) for r in rejected if r.get("file")}
+    named |= {norm(images_dir / f) for f in selected_out}
     out = []
     for p in sorted(images_dir.rglob("*")):
         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and norm(p) not in named:
@@ -206,9 +220,10 @@ def make_sample(record: Record, image: tuple[bytes, str, int, int]) -> dict:
 # ----------------------------------------------------------------------------------- resume state
 
 
-def fingerprint(images_dir: Path, captions_file: Path, cfg: MakeShardsConfig) -> str:
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("strict", "workers")}
-    h = hashlib.sha256(atomic.sha256_file(captions_file).encode())
+def fingerprint(images_dir: Path, captions_file: Path | None, cfg: MakeShardsConfig, digest: str | None = None) -> str:
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("strict", "workers")
+                and not (k in _OPTIONAL_SETTINGS and v == _OPTIONAL_SETTINGS[k])}
+    h = hashlib.sha256((digest or atomic.sha256_file(captions_file)).encode())
     h.update(json.dumps({"images_dir": str(images_dir.resolve()), **settings}, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -255,17 +270,23 @@ def make_shards(
 ) -> dict:
     """Write shards to `out` and return the summary (also written to `out/info.json`)."""
     cfg = cfg or MakeShardsConfig()
-    images_dir, captions_file, out = Path(images_dir), Path(captions_file), Path(out)
+    images_dir, out = Path(images_dir), Path(out)
+    captions_file = Path(captions_file) if captions_file is not None else None
     if cfg.shard_size < 1:
         raise MakeShardsError(f"shard_size must be >= 1, got {cfg.shard_size}")
     if cfg.max_side is not None and cfg.max_side < 8:
         raise MakeShardsError(f"max_side must be >= 8, got {cfg.max_side}")
     if not images_dir.is_dir():
         raise MakeShardsError(f"images directory {images_dir} does not exist")
-    if not captions_file.is_file():
+    if cfg.format == "jsonl" and (captions_file is None or not captions_file.is_file()):
         raise MakeShardsError(f"captions file {captions_file} does not exist")
+    from l2c.data import importers  # --format, --select, --split: the records this run takes
 
-    fp = fingerprint(images_dir, captions_file, cfg)
+    source = importers.load_source(images_dir, captions_file, cfg)
+    if cfg.format != "jsonl":  # importers' normalized fields
+        cfg = replace(cfg, key_field=importers.KEY, image_field=importers.FILE, caption_field=importers.CAPTIONS)
+
+    fp = fingerprint(images_dir, captions_file, cfg, digest=source.digest)
     info_path = out / "info.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())
@@ -278,9 +299,10 @@ def make_shards(
         raise MakeShardsError(f"{out} holds shards this run cannot resume; pass --overwrite to replace them")
 
     t0 = time.perf_counter()
-    records, rejected = read_records(images_dir, captions_file, cfg)
+    records, rejected = read_records(images_dir, captions_file, cfg, source=source.records)
     n_records = len(records) + len(rejected)  # every non-empty line of the captions file
-    rejected += unreferenced_images(images_dir, records, rejected)
+    if source.scan_unreferenced:
+        rejected += unreferenced_images(images_dir, records, rejected, source.selected_out_files)
     if cfg.strict and rejected:
         r = rejected[0]
         raise MakeShardsError(f"{len(rejected)} input problem(s) before reading images; first: {r['reason']} "
@@ -332,12 +354,14 @@ def make_shards(
         "version": FORMAT_VERSION,
         "fingerprint": fp,
         "images_dir": str(images_dir.resolve()),
-        "captions": str(captions_file.resolve()),
+        "captions": str(captions_file.resolve()) if captions_file is not None else None,
         "settings": {k: v for k, v in asdict(cfg).items() if k != "workers"},
         "records": n_records,
         "written": written,
         "rejected": sum(counts.values()),
         "rejected_by_reason": {k: counts[k] for k in REASONS if counts[k]},
+        "selected_out": source.selected_out,  # records outside --subset / --select / --split: not rejects
+        "select_missing": source.select_missing,
         "shards": [p.name for p in shards],
         "resumed_from_shard": len(parts),
         "bytes": sum(p.stat().st_size for p in shards),

@@ -11,13 +11,13 @@ per batch, resuming needs only the step, and every worker computes the same glob
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from l2c.data.records import read_records
 from l2c.errors import L2CError
 
 KEY_FIELDS = ("image_id", "key", "id", "image", "__key__")
@@ -48,6 +48,8 @@ class LoadReport:
     dropped_not_text: int = 0  # caption values that are not strings
     skipped_no_key: int = 0  # records without a key field
     merged_records: int = 0  # records whose key had been seen already (caption-per-row layouts)
+    skipped_bad_lines: int = 0  # JSONL lines that are not JSON objects
+    bad_lines: list[str] = field(default_factory=list)  # the first few, as `file:line: reason`
 
     def summary(self) -> str:
         dropped = [
@@ -58,6 +60,7 @@ class LoadReport:
                 (self.dropped_duplicate, "duplicate captions"),
                 (self.dropped_not_text, "non-text captions"),
                 (self.skipped_no_key, "records without a key"),
+                (self.skipped_bad_lines, f"bad lines, first {self.bad_lines[0]}" if self.bad_lines else "bad lines"),
             )
             if n
         ]
@@ -67,15 +70,15 @@ class LoadReport:
 
 
 def expand_sources(sources: list[str | Path]) -> list[Path]:
-    """Files behind each source: a file, a directory of .jsonl/.parquet, or a text cache directory."""
+    """Files behind each source: a file, a directory of .jsonl/.parquet, or a text cache directory; globs and
+    brace ranges as `l2c.data.shards.expand_shards` reads them."""
+    from l2c.data.records import RECORD_SUFFIXES
+    from l2c.data.shards import expand_shards
+
     out: list[Path] = []
     for src in sources:
         p = Path(src).expanduser()
-        if not p.exists():
-            raise PairDataError(f"caption source {src} does not exist")
-        if p.is_file():
-            out.append(p)
-        elif (p / "manifest.json").exists():
+        if (p / "manifest.json").exists():
             from l2c.cache import Manifest
 
             manifest = Manifest.load(p)
@@ -85,33 +88,19 @@ def expand_sources(sources: list[str | Path]) -> list[Path]:
                 raise PairDataError(f"text cache {p}: source files missing or not recorded: {missing[:3]}")
             out += files
         else:
-            files = sorted(f for f in p.iterdir() if f.suffix in (".jsonl", ".parquet") or f.name.endswith(".json"))
-            if not files:
-                raise PairDataError(f"directory {p} holds no .jsonl or .parquet caption files")
-            out += files
+            try:
+                out += [Path(f) for f in expand_shards([str(src)], RECORD_SUFFIXES, what="caption source")]
+            except FileNotFoundError as e:
+                raise PairDataError(str(e)) from None
     return out
 
 
-def read_records(path: Path) -> Iterator[dict]:
-    """Records of a JSONL or Parquet file as dicts."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=4096):
-            yield from batch.to_pylist()
-        return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PairDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise PairDataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield rec
+def _read(path: Path, report: LoadReport) -> Iterator[dict]:
+    """`l2c.data.records.read_records`, bad lines counted in `report`."""
+    bad: list = []
+    yield from read_records(path, bad)
+    report.skipped_bad_lines += len(bad)
+    report.bad_lines += [str(b) for b in bad[: max(0, 5 - len(report.bad_lines))]]
 
 
 def _pick_field(rec: dict, explicit: str, candidates: tuple[str, ...]) -> str | None:
@@ -128,7 +117,7 @@ def load_caption_groups(
     by_key: dict[str, list[str]] = {}
     for path in expand_sources(sources):
         report.sources.append(str(path))
-        for rec in read_records(path):
+        for rec in _read(path, report):
             report.records += 1
             kf = _pick_field(rec, key_field, KEY_FIELDS)
             cf = _pick_field(rec, captions_field, CAPTION_FIELDS)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from l2c.trainer.text.data import CAPTION_FIELDS, KEY_FIELDS, PairDataError, read_records
+from l2c.data.records import read_records
+from l2c.trainer.text.data import CAPTION_FIELDS, KEY_FIELDS, PairDataError
 
 
 @dataclass

@@ -13,21 +13,21 @@ emitted after this batch) and `stats` (skip counts since the slot's previous bat
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from l2c.trainer.vision.pairing import IMAGE_EXTS, Pairing
+from l2c.data.images import decode_image, image_member
+from l2c.data.shards import read_tar
+from l2c.trainer.vision.pairing import Pairing
 from l2c.trainer.vision.tower import ImageSpec
-from l2c.trainer.vision.transforms import decode_image, train_transform
+from l2c.trainer.vision.transforms import train_transform
 
 SKIP_KINDS = (
     "missing_vector",
@@ -35,79 +35,9 @@ SKIP_KINDS = (
     "corrupt_image",
     "vector_without_image",
     "misordered",
+    "duplicate_member",
     "shard_error",
 )
-
-
-def expand_shards(spec: str | Path | list) -> list[str]:
-    """Image tars from paths, directories (their `*.tar`), globs, brace ranges (`shard-{000000..000009}.tar`),
-    `pipe:` commands and fsspec URLs (`s3://bucket/tars/*.tar` too), `::`-separated or a list."""
-    import webdataset as wds
-
-    from l2c.storage import glob_urls, is_url, normalize
-
-    items = spec if isinstance(spec, (list, tuple)) else [spec]
-    out: list[str] = []
-    for item in items:
-        for url in wds.shardlists.expand_urls(normalize(item)):
-            if url.startswith("pipe:") or is_url(url) and not any(c in url for c in "*?["):
-                out.append(url)
-            elif is_url(url):
-                hits = glob_urls(url)
-                if not hits:
-                    raise FileNotFoundError(f"no shards match {url!r}")
-                out += hits
-            elif any(c in url for c in "*?["):
-                hits = sorted(glob.glob(url))
-                if not hits:
-                    raise FileNotFoundError(f"no shards match {url!r}")
-                out += [str(Path(h).resolve()) for h in hits]
-            else:
-                p = Path(url).expanduser()
-                if p.is_dir():
-                    hits = sorted(p.glob("*.tar"))
-                    if not hits:
-                        raise FileNotFoundError(f"directory {url!r} holds no .tar shards")
-                    out += [str(h.resolve()) for h in hits]
-                elif not p.exists():
-                    raise FileNotFoundError(f"image shard {url!r} does not exist")
-                else:
-                    out.append(str(p.resolve()))
-    if not out:
-        raise FileNotFoundError(f"no image shards in {spec!r}")
-    return out
-
-
-def open_url(url: str):
-    """A binary stream for a local path, `pipe:` command, or any URL fsspec can open."""
-    import webdataset as wds
-
-    if "://" in url and not url.startswith(("file://", "pipe:")):
-        import fsspec
-
-        return fsspec.open(url, "rb").open()
-    return wds.gopen(url.removeprefix("file://"))
-
-
-def read_tar(url: str, errors: list) -> Iterator[dict]:
-    """Samples of one tar in order; a read error ends the shard and is appended to `errors`."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    def handler(exn):
-        errors.append(f"{type(exn).__name__}: {str(exn.args[0] if exn.args else exn)[:200]}")
-        return False
-
-    try:
-        stream = open_url(url)
-    except Exception as e:  # unreachable URL, permissions
-        errors.append(f"{type(e).__name__}: {e}")
-        return
-    try:
-        yield from group_by_keys(
-            tar_file_expander([{"url": url, "stream": stream}], handler=handler), handler=handler
-        )
-    finally:
-        stream.close()
 
 
 def seeded(*parts) -> random.Random:
@@ -161,9 +91,9 @@ class PairedStream(IterableDataset):
         buf: list[tuple] = []
         for shard_idx in mine:
             url = s.shards[shard_idx]
-            errors: list[str] = []
+            rejects: list = []  # l2c.data.shards.TarReject: duplicate_member samples, an unreadable tar
             owner = every == 1 or shard_idx % s.n_slots == g  # counts the shard-level events
-            paired = s.pairing.pair_shard(url, read_tar(url, errors))
+            paired = s.pairing.pair_shard(url, read_tar(url, rejects))
             for pos, item in enumerate(paired):
                 kind = item[0]
                 if kind == "end":  # ("end", {"vector_without_image": n, "misordered": m})
@@ -180,12 +110,11 @@ class PairedStream(IterableDataset):
                 buf.append(item)
                 if len(buf) >= s.shuffle_buffer:
                     yield buf.pop(rng.randrange(len(buf)))
-            if errors and owner:
-                stat = ("stat", {"shard_error": 1, "_error": f"{url}: {errors[0]}"})
-                if s.shuffle_buffer:
-                    buf.append(stat)
-                else:
-                    yield stat
+            stats = _reject_stats(rejects) if owner else []
+            if s.shuffle_buffer:
+                buf += stats
+            else:
+                yield from stats
         if s.shuffle_buffer:
             rng.shuffle(buf)
         yield from buf
@@ -206,8 +135,8 @@ class PairedStream(IterableDataset):
                 kind = item[0]
                 if kind == "stat":
                     for k, v in item[1].items():
-                        if k == "_error":
-                            examples.setdefault("shard_error", []).append(v)
+                        if k.startswith("_"):  # ("_example", kind, text)
+                            examples.setdefault(v[0], []).append(v[1])
                         else:
                             stats[k] += v
                     continue
@@ -218,7 +147,7 @@ class PairedStream(IterableDataset):
                 _, key, sample, choices = item
                 rng = seeded(s.seed, "sample", epoch, key)
                 try:
-                    img = decode_image(sample[_image_member(sample)], target=size)
+                    img = decode_image(sample[image_member(sample)], target=size)
                     pix = train_transform(img, s.image_spec, rng, s.crop_scale)
                 except Exception:  # truncated or undecodable image data
                     stats["corrupt_image"] += 1
@@ -267,11 +196,14 @@ class PairedStream(IterableDataset):
         yield from self._slot_batches((physical + self.spec.rotation) % w)
 
 
-def _image_member(sample: dict) -> str:
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            return ext
-    raise KeyError("no image member")
+def _reject_stats(rejects: list) -> list[tuple]:
+    """("stat", ...) items for what the tar reader rejected: each duplicate_member sample (the text cache,
+    read with the same reader, has no rows for it either), and an unreadable tar as one shard_error."""
+    out = []
+    for r in rejects:
+        kind = "shard_error" if r.reason == "unreadable_tar" else r.reason
+        out.append(("stat", {kind: 1, "_example": (kind, r.detail if kind == "shard_error" else r.key)}))
+    return out
 
 
 def make_loader(spec: StreamSpec, pin_memory: bool = False, prefetch_factor: int = 4):

@@ -21,8 +21,8 @@ import numpy as np
 
 from l2c import atomic
 from l2c.cache import CacheError, TextCache, embedding_matrix
+from l2c.data.images import image_member
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 INDEX_VERSION = 1
 
 
@@ -157,7 +157,7 @@ class Pairing:
     def _item(key: str, sample: dict, choices: dict) -> tuple:
         if not choices:
             return ("missing_vector", key)
-        if not any(ext in sample for ext in IMAGE_EXTS):
+        if image_member(sample) is None:
             return ("missing_image", key)
         return ("ok", key, sample, choices)
 

@@ -1,8 +1,9 @@
-"""Image transforms with the vision model's own processor settings (PIL + torch, seeded per sample)."""
+"""Image transforms with the vision model's own processor settings (PIL + torch, seeded per sample).
+
+Decoding is `l2c.data.images.decode_image`."""
 
 from __future__ import annotations
 
-import io
 import math
 import random
 
@@ -13,15 +14,6 @@ from PIL import Image
 from l2c.trainer.vision.tower import ImageSpec
 
 RESAMPLE = Image.Resampling.BICUBIC
-
-
-def decode_image(data: bytes, target: int | None = None) -> Image.Image:
-    """Decode image bytes to RGB; JPEGs are decoded at reduced scale when far larger than `target`."""
-    img = Image.open(io.BytesIO(data))
-    if target and img.format == "JPEG":
-        img.draft("RGB", (target, target))  # DCT scaling: never smaller than the requested size
-    img.load()
-    return img.convert("RGB")
 
 
 def _resize(img: Image.Image, resize) -> Image.Image:

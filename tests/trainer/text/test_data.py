@@ -44,9 +44,10 @@ def test_no_usable_image_is_an_error(tmp_path):
     with pytest.raises(PairDataError, match="no image with two usable captions"):
         load_caption_groups([src])
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"image_id": 1, "captions": ["a", "b"]}\n{oops\n')
-    with pytest.raises(PairDataError, match="bad.jsonl:2"):
-        load_caption_groups([bad])
+    bad.write_text('{"image_id": 1, "captions": ["a", "b"]}\n{oops\n[1, 2]\n')
+    groups, report = load_caption_groups([bad])  # bad lines are counted, not fatal (l2c.data.records)
+    assert [g.key for g in groups] == ["1"] and report.records == 1 and report.skipped_bad_lines == 2
+    assert "2 bad lines, first " in report.summary() and "bad.jsonl:2: not valid JSON" in report.summary()
 
 
 def test_parquet_wide_and_long_layouts(tmp_path):

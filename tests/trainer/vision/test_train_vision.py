@@ -18,9 +18,9 @@ import webdataset as wds
 from l2c.cache import CacheError, TextCache
 from l2c.cli import main
 from l2c.config import load_config
+from l2c.trainer.job import TrainJob
 from l2c.trainer.vision.config import TrainConfig
 from l2c.trainer.vision.export import load_exported
-from l2c.trainer.job import TrainJob
 from l2c.trainer.vision.loop import ResumeError, train
 from tests.trainer.vision.train_helpers import (
     TINY_VIT,
@@ -151,7 +151,7 @@ def test_bad_samples_counted_exactly_never_shifted(tmp_path):
     # 30 samples, 3 unusable: exactly one epoch of 27 pairs in 3 batches of 9
     assert summary["samples_seen"] == 27
     assert summary["skips"] == {"missing_vector": 1, "missing_image": 1, "corrupt_image": 1,
-                                "vector_without_image": 2, "misordered": 0, "shard_error": 0}
+                                "vector_without_image": 2, "misordered": 0, "duplicate_member": 0, "shard_error": 0}
     skips = json.loads((tmp_path / "run" / "data_skips.json").read_text())
     assert skips["pairing"] == "aligned"
     assert skips["examples"] == {"corrupt_image": ["s0_003"], "missing_vector": ["s0_005"],
@@ -353,7 +353,7 @@ def test_ray_train_two_workers(classes, ray_local, tmp_path):
 def test_max_steps_below_one_is_refused(classes, tmp_path, capsys, steps):
     tars, _, _, cache = classes
     rc = main(["train-vision", "--images", str(tars[0]), "--text-cache", str(cache), "--out", str(tmp_path / "r"),
-               "--max-steps", steps])  # fmt: skip
+               "--max-steps", steps, f"model.vision.config={json.dumps(TINY_VIT)}"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == [f"l2c: error: --max-steps {steps}: must be at least 1 (leave it out to run the schedule)"]
     assert not (tmp_path / "r").exists()

@@ -121,12 +121,12 @@ def class_cache_for(
     seed: int = 7,
 ) -> Path:
     """Shard-aligned cache: one Parquet per tar, rows in tar key order, vector = class vector (+ noise)."""
-    import webdataset as wds
+    from l2c.data.shards import read_tar
 
     rng = np.random.default_rng(seed)
     shards = {}
     for tar in tars:
-        keys = [s["__key__"] for s in wds.WebDataset(str(tar), shardshuffle=False)]
+        keys = [s["__key__"] for s in read_tar(str(tar))]
         rows = [
             (k, f, vecs[labels[k]] + noise * rng.standard_normal(vecs.shape[1]).astype(np.float32))
             for k in keys
