@@ -10,11 +10,11 @@ A rerun with the same settings skips finished shards; a crash loses only the sha
 from __future__ import annotations
 
 import json
-import pickle
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from l2c.cache import (
     JOURNAL_DIR,
@@ -96,37 +96,52 @@ class EmbedConfig:
             raise ConfigError(f"--actor-resources must map resource names to numbers >= 0, got {self.actor_resources}")
 
 
+# Between the stages a shard travels as one row of an Arrow table with typed columns (token ids and vectors as
+# flat list columns with their lengths), so Ray Data moves Arrow buffers, not pickled Python objects.
+def _lists(values: np.ndarray, arrow_type) -> pa.ListArray:
+    """One list row holding `values` (a numpy array), without going through Python lists."""
+    return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), pa.array(values, arrow_type))
+
+
+def _row(table, name: str, i: int = 0) -> np.ndarray:
+    """Row `i` of a list column as numpy."""
+    return table.column(name)[i].values.to_numpy(zero_copy_only=False)
+
+
 # ---------------------------------------------------------------- stage 1: read, validate, tokenize
 class ReadTokenize:
     """Ray Data actor: one source shard in, its accepted captions as token ids (plus rejects) out."""
 
-    def __init__(self, model_path: str, text_fields, key_field, max_length, instruction, prompt_format="none"):
+    def __init__(self, spec: dict):
         from transformers import AutoTokenizer
 
         from l2c.pipeline.encoder import CaptionTokenizer
 
-        tok = AutoTokenizer.from_pretrained(model_path)
-        self.captions = CaptionTokenizer(tok, max_length, instruction, prompt_format)
-        self.args = (text_fields, key_field)
+        tok = AutoTokenizer.from_pretrained(spec["model_path"])
+        self.captions = CaptionTokenizer(tok, spec["max_length"], spec["instruction"], spec["prompt_format"])
+        self.args = (spec["fields"], spec["key_field"])
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         from l2c.pipeline.sources import read_shard
 
-        out = {"shard": [], "payload": []}
-        for shard, source in zip(batch["shard"], batch["source"], strict=True):
+        parts = []
+        for shard, source in zip(batch["shard"].to_pylist(), batch["source"].to_pylist(), strict=True):
             rows = read_shard(str(source), str(shard), *self.args)
             tok = self.captions(rows.texts)
-            lengths = np.asarray([len(x) for x in tok.ids], np.int64)
+            lengths = np.fromiter(map(len, tok.ids), np.int32, len(tok.ids))
             flat = np.fromiter((t for x in tok.ids for t in x), np.int32, int(lengths.sum()))
-            payload = {
-                "source": str(source), "keys": rows.keys, "fields": rows.fields, "rejects": rows.rejects,
-                "n_samples": rows.n_samples, "ids": flat, "lengths": lengths, "pool_start": tok.pool_start,
-                "n_tokens": tok.n_tokens, "truncated": tok.truncated,
-                "failed": any(r["reason"] == "unreadable_shard" for r in rows.rejects),
-            }  # fmt: skip
-            out["shard"].append(str(shard))
-            out["payload"].append(pickle.dumps(payload, protocol=5))
-        return out
+            parts.append(pa.table({
+                "shard": [str(shard)], "source": [str(source)],
+                "keys": pa.array([rows.keys], pa.list_(pa.string())),
+                "fields": pa.array([rows.fields], pa.list_(pa.string())),
+                "ids": _lists(flat, pa.int32()), "lengths": _lists(lengths, pa.int32()),
+                "pool_start": _lists(np.asarray(tok.pool_start, np.int32), pa.int32()),
+                "n_tokens": _lists(np.asarray(tok.n_tokens, np.int32), pa.int32()),
+                "truncated": _lists(np.asarray(tok.truncated, bool), pa.bool_()),
+                "rejects": [json.dumps(rows.rejects)], "n_samples": pa.array([rows.n_samples], pa.int64()),
+                "failed": [any(r["reason"] == "unreadable_shard" for r in rows.rejects)],
+            }))  # fmt: skip
+        return pa.concat_tables(parts)
 
 
 # ---------------------------------------------------------------- stage 2: encode
@@ -143,24 +158,26 @@ class EncodeShard:
         self.spec = spec
         self.encoder = make_encoder(spec)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         from l2c.pipeline.encoder import Tokenized
 
-        out = {"shard": [], "payload": []}
-        for shard, blob in zip(batch["shard"], batch["payload"], strict=True):
-            p = pickle.loads(blob)
-            offsets = np.concatenate([[0], np.cumsum(p.pop("lengths"))])
-            flat = p.pop("ids")
-            ids = [flat[offsets[i] : offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
-            tok = Tokenized(ids, p["pool_start"], p["n_tokens"], p["truncated"])
+        store = np.float16 if self.spec["store_dtype"] == "float16" else np.float32
+        vectors, stats_col, secs = [], [], []
+        for i in range(batch.num_rows):
+            offsets = np.concatenate([[0], np.cumsum(_row(batch, "lengths", i))])
+            flat = _row(batch, "ids", i)
+            ids = [flat[offsets[j] : offsets[j + 1]].tolist() for j in range(len(offsets) - 1)]
+            tok = Tokenized(ids, _row(batch, "pool_start", i), _row(batch, "n_tokens", i), _row(batch, "truncated", i))
             stats: dict = {}
             t0 = time.perf_counter()
             emb = self.encoder.encode_tokenized(tok, self.spec["batch_tokens"], self.spec["max_batch_size"], stats)
-            store = np.float16 if self.spec["store_dtype"] == "float16" else np.float32
-            p.update(embeddings=emb.astype(store), stats=stats, encode_s=time.perf_counter() - t0)
-            out["shard"].append(shard)
-            out["payload"].append(pickle.dumps(p, protocol=5))
-        return out
+            vectors.append(_lists(emb.astype(store).reshape(-1), pa.from_numpy_dtype(store)))
+            stats_col.append(json.dumps(stats))
+            secs.append(time.perf_counter() - t0)
+        out = batch.drop_columns(["ids", "lengths", "pool_start"])
+        out = out.append_column("embeddings", pa.concat_arrays(vectors))
+        out = out.append_column("stats", pa.array(stats_col, pa.string()))
+        return out.append_column("encode_s", pa.array(secs, pa.float64()))
 
 
 def make_encoder(spec: dict):
@@ -191,32 +208,36 @@ def engine_version(engine: str) -> str:
 
 
 # ---------------------------------------------------------------- stage 3: write
-def write_shard(batch: dict, out_dir: str, store_dtype: str, dim: int, strict: bool) -> dict:
+def write_shard(batch: pa.Table, out_dir: str, store_dtype: str, dim: int, strict: bool) -> dict:
     """Ray Data task: Parquet (atomic) + the shard's rejects file; returns the manifest entry as JSON."""
     from l2c.cache import build_table, write_shard_file
 
     store = Store(out_dir)
     out = {"shard": [], "result": []}
-    for shard, blob in zip(batch["shard"], batch["payload"], strict=True):
-        p = pickle.loads(blob)
+    for i in range(batch.num_rows):
+        shard = batch.column("shard")[i].as_py()
+        rejects = json.loads(batch.column("rejects")[i].as_py())
+        stats = json.loads(batch.column("stats")[i].as_py())
         store.makedirs(REJECTED_DIR)
-        store.write_text(f"{REJECTED_DIR}/{shard}.jsonl", "".join(json.dumps(r) + "\n" for r in p["rejects"]))
-        result = {"status": "done", "rejects": _reason_counts(p["rejects"]), "n_samples": p["n_samples"],
-                  "encode_s": p["encode_s"], "stats": p["stats"]}  # fmt: skip
-        if p["failed"]:
+        store.write_text(f"{REJECTED_DIR}/{shard}.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
+        result = {"status": "done", "rejects": _reason_counts(rejects), "stats": stats,
+                  "n_samples": batch.column("n_samples")[i].as_py(), "encode_s": batch.column("encode_s")[i].as_py()}  # fmt: skip
+        if batch.column("failed")[i].as_py():
             result["status"] = "failed"
-            result["detail"] = p["rejects"][0]["detail"]
-        elif strict and p["rejects"]:
+            result["detail"] = rejects[0]["detail"]
+        elif strict and rejects:
             result["status"] = "strict"
-            result["detail"] = p["rejects"][:5]
+            result["detail"] = rejects[:5]
         else:
-            emb = p["embeddings"].reshape(len(p["keys"]), dim)
-            table = build_table(p["keys"], p["fields"], emb, p["n_tokens"], p["truncated"], store_dtype)
+            keys, truncated = batch.column("keys")[i].as_py(), _row(batch, "truncated", i)
+            emb = _row(batch, "embeddings", i).reshape(len(keys), dim)
+            table = build_table(keys, batch.column("fields")[i].as_py(), emb, _row(batch, "n_tokens", i), truncated,
+                                store_dtype)  # fmt: skip
             rows, digest = write_shard_file(store, f"{shard}.parquet", table)
             entry = ShardEntry(
-                file=f"{shard}.parquet", source=p["source"], rows=rows, sha256=digest,
-                n_rejected=len(p["rejects"]), n_truncated=int(np.sum(p["truncated"])),
-                n_tokens=int(p["stats"].get("real_tokens", 0)), padded_tokens=int(p["stats"].get("padded_tokens", 0)),
+                file=f"{shard}.parquet", source=batch.column("source")[i].as_py(), rows=rows, sha256=digest,
+                n_rejected=len(rejects), n_truncated=int(np.sum(truncated)),
+                n_tokens=int(stats.get("real_tokens", 0)), padded_tokens=int(stats.get("padded_tokens", 0)),
             )  # fmt: skip
             result["entry"] = asdict(entry)
         out["shard"].append(shard)
@@ -233,7 +254,8 @@ def _reason_counts(rejects: list[dict]) -> dict[str, int]:
 
 # ---------------------------------------------------------------- driver
 def resolve_settings(cfg: EmbedConfig, gpus_available: bool) -> tuple[dict, dict]:
-    """(settings recorded in the manifest, spec the actors load the model with)."""
+    """(settings recorded in the manifest, the one resolved spec every actor works from: tokenizer and model
+    settings as the manifest records them, so no actor derives a setting again)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from l2c.models import fingerprint, resolve_model
@@ -286,7 +308,8 @@ def resolve_settings(cfg: EmbedConfig, gpus_available: bool) -> tuple[dict, dict
         "dim": int(mcfg.hidden_size),
     }
     spec = {k: settings[k] for k in ("model_path", "pooling", "normalize", "max_length", "dtype", "instruction",
-                                     "lora", "store_dtype", "engine", "dim", "prompt_format")}  # fmt: skip
+                                     "lora", "store_dtype", "engine", "dim", "prompt_format", "fields",
+                                     "key_field")}  # fmt: skip
     spec.update(bidirectional=bidirectional, batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size)
     return settings, spec
 
@@ -391,17 +414,16 @@ def _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out) -
         [{"shard": names[s], "source": s} for s in todo], override_num_blocks=len(todo)
     )
     ds = ds.map_batches(
-        ReadTokenize, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_readers), num_cpus=0.5,
-        fn_constructor_args=(spec["model_path"], settings["fields"], settings["key_field"],
-                             settings["max_length"], settings["instruction"], settings["prompt_format"]),
+        ReadTokenize, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_readers),
+        num_cpus=0.5, fn_constructor_args=(spec,),
     )  # fmt: skip
     ds = ds.map_batches(
-        EncodeShard, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=min(cpus_per, max(cpus - 1, 0.5)),
+        EncodeShard, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=min(cpus_per, max(cpus - 1, 0.5)),
         num_gpus=gpus_per if on_gpu else 0, fn_constructor_args=(spec, threads),
         **({"resources": dict(cfg.actor_resources)} if cfg.actor_resources else {}),
     )  # fmt: skip
     ds = ds.map_batches(
-        write_shard, batch_size=1, num_cpus=0.25,
+        write_shard, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
         fn_kwargs={"out_dir": out.url, "store_dtype": settings["store_dtype"], "dim": settings["dim"],
                    "strict": cfg.strict},
     )  # fmt: skip
