@@ -73,7 +73,7 @@ def build_table(
     n = len(keys)
     if embeddings.ndim != 2 or embeddings.shape[0] != n or len(fields) != n:
         raise CacheError(f"rows disagree: {n} keys, {len(fields)} fields, embeddings {embeddings.shape}")
-    dim = embeddings.shape[1] if n else 0
+    dim = embeddings.shape[1]
     schema = arrow_schema(dim, store_dtype)
     return pa.Table.from_arrays(
         [

@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from l2c.data.records import RECORD_SUFFIXES, BadRecord, iter_records
 from l2c.data.shards import TAR_SUFFIXES, ShardSpecError, expand_shards, read_tar
 from l2c.errors import L2CError
+from l2c.storage import is_url
 
 TABLE_SUFFIXES = RECORD_SUFFIXES
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+|\*)\]")
@@ -31,10 +33,18 @@ class SourceError(L2CError, ValueError):
 def expand_sources(specs: list[str]) -> list[str]:
     """Paths, directories, globs, brace ranges (`shard-{000..009}.tar`) and fsspec URLs → an ordered,
     de-duplicated list (`l2c.data.shards.expand_shards`, as train-vision and eval expand their tars)."""
-    try:
-        return expand_shards(specs, TAR_SUFFIXES + TABLE_SUFFIXES, require_suffix=True, what="source")
-    except ShardSpecError as e:
-        raise SourceError(str(e)) from None
+    out = []
+    for spec in specs:  # a directory of tar shards gives its tars only (make-shards writes info.json and
+        # rejected.jsonl beside them); a directory without tars gives its JSONL/Parquet tables
+        suffixes = TAR_SUFFIXES + TABLE_SUFFIXES
+        p = Path(spec)
+        if not is_url(str(spec)) and p.is_dir() and any(f.name.endswith(TAR_SUFFIXES) for f in p.iterdir()):
+            suffixes = TAR_SUFFIXES
+        try:
+            out += expand_shards([spec], suffixes, require_suffix=True, what="source")
+        except ShardSpecError as e:
+            raise SourceError(str(e)) from None
+    return list(dict.fromkeys(out))
 
 
 def shard_names(sources: list[str]) -> dict[str, str]:

@@ -125,3 +125,19 @@ def test_kill_9_mid_job_then_rerun_equals_uninterrupted(ray_local, tmp_path, min
     a, b = TextCache(ref), TextCache(out)
     assert a.manifest.to_dict()["shards"] == b.manifest.to_dict()["shards"]  # same files, rows and sha256
     assert not list(out.glob(".tmp-*"))
+
+
+def test_make_shards_output_dir_and_an_empty_source(ray_local, minilm_path, tmp_path):
+    """A directory as make-shards leaves it (tars + info.json + rejected.jsonl) embeds its tars only; a
+    source with no usable caption gives an empty shard, not a crash."""
+    src = tmp_path / "src"
+    caption_shards(src, n_shards=1, per_shard=4)
+    (src / "info.json").write_text(json.dumps({"shards": 1}))
+    (src / "rejected.jsonl").write_text(json.dumps({"reason": "missing_image"}) + "\n")
+    s = embed([src], tmp_path / "cache", model=str(minilm_path))
+    assert s["shards_written"] == 1 and TextCache(tmp_path / "cache").shard_names == ["shard-000"]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"image_id": "a", "caption": ""}) + "\n")
+    s = embed([empty], tmp_path / "cache2", model=str(minilm_path), key_field="image_id", text_fields=["caption"])
+    c = TextCache(tmp_path / "cache2")
+    assert s["shards_written"] == 1 and len(c) == 0 and c.validate() == []

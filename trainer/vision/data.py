@@ -25,6 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from l2c.data.images import decode_image, image_member
 from l2c.data.shards import read_tar
+from l2c.errors import L2CError
 from l2c.trainer.vision.pairing import Pairing
 from l2c.trainer.vision.tower import ImageSpec
 from l2c.trainer.vision.transforms import train_transform
@@ -38,6 +39,10 @@ SKIP_KINDS = (
     "duplicate_member",
     "shard_error",
 )
+
+
+class DataError(L2CError):
+    """Image shards and a text cache that give nothing to train on."""
 
 
 def seeded(*parts) -> random.Random:
@@ -120,14 +125,18 @@ class PairedStream(IterableDataset):
         yield from buf
 
     def _slot_batches(self, slot: int) -> Iterator[dict]:
+        """Batches of this slot, epoch after epoch. A batch left short at an epoch's end is completed from the
+        next epoch (a slot whose share is below batch_size still trains); an epoch with no usable pair at all
+        is a `DataError` naming what went wrong, never an endless wait."""
         s = self.spec
         epoch, skip = s.start.get(slot, (0, 0))
         size = s.image_spec.image_size
+        pixels, vecs, keys, flds = [], [], [], []
+        stats: Counter = Counter()
+        examples: dict[str, list[str]] = {}
         while True:
-            emitted = 0
-            pixels, vecs, keys, flds = [], [], [], []
-            stats: Counter = Counter()
-            examples: dict[str, list[str]] = {}
+            emitted = usable = 0
+            seen: Counter = Counter()
             for item in self._epoch_items(slot, epoch):
                 emitted += 1
                 if emitted <= skip:
@@ -139,9 +148,11 @@ class PairedStream(IterableDataset):
                             examples.setdefault(v[0], []).append(v[1])
                         else:
                             stats[k] += v
+                            seen[k] += v
                     continue
                 if kind != "ok":  # ("missing_vector" | "missing_image", key)
                     stats[kind] += 1
+                    seen[kind] += 1
                     examples.setdefault(kind, []).append(item[1])
                     continue
                 _, key, sample, choices = item
@@ -151,8 +162,10 @@ class PairedStream(IterableDataset):
                     pix = train_transform(img, s.image_spec, rng, s.crop_scale)
                 except Exception:  # truncated or undecodable image data
                     stats["corrupt_image"] += 1
+                    seen["corrupt_image"] += 1
                     examples.setdefault("corrupt_image", []).append(key)
                     continue
+                usable += 1
                 name, vec = self._choose(choices, rng)
                 pixels.append(pix)
                 vecs.append(vec)
@@ -170,9 +183,18 @@ class PairedStream(IterableDataset):
                     }
                     pixels, vecs, keys, flds = [], [], [], []
                     stats, examples = Counter(), {}
-            # samples left at the end of an epoch are dropped (counted nowhere: they are seen next epoch)
             if emitted == 0:
-                raise RuntimeError(f"slot {slot} of rank {s.rank} has no samples to read")
+                raise DataError(
+                    f"data worker slot {slot} of rank {s.rank} has nothing to read in {len(s.shards)} shard(s)"
+                )
+            if usable == 0 and skip == 0:  # a whole epoch inspected, not one pair to train on
+                why = ", ".join(f"{k}: {v}" for k, v in seen.most_common()) or "no samples"
+                hint = " (no image key matches the text cache: was it made from these shards?)" if (
+                    seen["missing_vector"] or seen["vector_without_image"]) else ""  # fmt: skip
+                raise DataError(
+                    f"no usable image-caption pair in {len(s.shards)} shard(s) for data worker slot {slot} of "
+                    f"rank {s.rank} ({why}){hint}"
+                )
             epoch, skip = epoch + 1, 0
 
     def _choose(self, choices: dict[str, np.ndarray], rng: random.Random) -> tuple[str, np.ndarray]:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -38,7 +41,7 @@ from l2c.trainer.plots import plot_metrics
 from l2c.trainer.runlog import RunLog
 from l2c.trainer.schedule import make_scheduler
 from l2c.trainer.vision.config import TrainConfig
-from l2c.trainer.vision.data import SKIP_KINDS, StreamSpec, make_loader
+from l2c.trainer.vision.data import SKIP_KINDS, DataError, StreamSpec, make_loader
 from l2c.trainer.vision.export import export_model
 from l2c.trainer.vision.loss import make_loss
 from l2c.trainer.vision.model import L2CModel
@@ -346,6 +349,12 @@ def checkpoint(r: Run, shards: list[str]) -> None:
 
 
 def train(job: TrainJob, device: str | torch.device | None = None, on_step=None, report=None) -> dict:
+    """Train (or resume) `job`; see `_train`. SIGTERM stops it cleanly (data workers included)."""
+    with _sigterm_exits():
+        return _train(job, device, on_step, report)
+
+
+def _train(job: TrainJob, device: str | torch.device | None = None, on_step=None, report=None) -> dict:
     """Train (or resume) `job`; returns the summary dict (also written to `out/summary.json`).
 
     `on_step(step, loss)` is called after every step and `report(metrics_row)` after every logged one
@@ -371,7 +380,7 @@ def train(job: TrainJob, device: str | torch.device | None = None, on_step=None,
     t_prev = time.perf_counter()
     with prog:
         while r.step < last:
-            batch = next(it)
+            batch = _next_batch(it)
             t_data = time.perf_counter()
             loss = train_step(r, batch, autocast)
             t_end = time.perf_counter()
@@ -398,6 +407,30 @@ def train(job: TrainJob, device: str | torch.device | None = None, on_step=None,
     del it
     checkpoint(r, shards)
     return finish(r, pairing, shards, stopped_by)
+
+
+def _next_batch(it) -> dict:
+    """The next batch; a `DataError` raised in a data worker comes back as its own one-line message."""
+    try:
+        return next(it)
+    except DataError as e:
+        lines = str(e).strip().splitlines()
+        last = lines[-1] if lines else str(e)
+        prefix = f"{DataError.__module__}.{DataError.__name__}: "
+        raise DataError(last[len(prefix) :] if last.startswith(prefix) else last) from None
+
+
+@contextmanager
+def _sigterm_exits():
+    """SIGTERM ends the run through Python (SystemExit), so the data workers are shut down with it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _log_row(r: Run, loss: float, win: Counter, epoch: int) -> dict:

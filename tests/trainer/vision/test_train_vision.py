@@ -33,7 +33,7 @@ from tests.trainer.vision.train_helpers import (
 )
 
 DIM = 16
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def tiny_cfg(*overrides: str) -> TrainConfig:
@@ -377,3 +377,59 @@ def test_cache_dim_disagreeing_with_its_vectors_is_refused_before_training(class
     assert rc == 2 and len(err) == 1
     assert f"holds {true_dim}-dim vectors but the manifest says dim={true_dim + 1}" in err[0]
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def _train_cli(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """train-vision in its own process, bounded in time: a hang fails the test instead of stalling it."""
+    return subprocess.run([sys.executable, "-m", "l2c.cli", "train-vision", "--no-progress", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)  # fmt: skip
+
+
+TINY_ARGS = [f"model.vision.config={json.dumps(TINY_VIT)}", "model.embed_dim=24", "model.adapter.n_blocks=2",
+             "precision=fp32", "log_every=1", "checkpoint_every=100", "torch_threads=1"]  # fmt: skip
+
+
+def test_worker_share_below_batch_size_trains(tmp_path):
+    """One 20-image tar, 2 data workers (10 images each), batch 16: short shares carry into the next epoch."""
+    tars, labels = write_class_shards(tmp_path / "tars", n_shards=1, per_shard=20, n_classes=4, seed=3)
+    cache = class_cache_for(tars, labels, tmp_path / "cache", class_vectors(4, DIM))
+    out = tmp_path / "run"
+    proc = _train_cli(["--images", tars[0], "--text-cache", cache, "--out", out, "batch_size=16", "steps=3",
+                       "data.workers=2", "data.shuffle_buffer=0", *TINY_ARGS])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["samples_seen"] == 48 and summary["skips"]["missing_vector"] == 0
+
+
+def test_no_key_matching_the_cache_stops_with_one_line(tmp_path):
+    tars, labels = write_class_shards(tmp_path / "tars", n_shards=1, per_shard=20, n_classes=4, seed=3)
+    other, other_labels = write_class_shards(tmp_path / "other", n_shards=1, per_shard=20, n_classes=4, seed=9,
+                                             prefix="other")  # fmt: skip
+    cache = class_cache_for(other, other_labels, tmp_path / "cache", class_vectors(4, DIM))
+    t0 = time.monotonic()
+    proc = _train_cli(["--images", tars[0], "--text-cache", cache, "--out", tmp_path / "run", "batch_size=8",
+                       "steps=3", "data.workers=2", "data.pairing=join", *TINY_ARGS])  # fmt: skip
+    err = [line for line in proc.stderr.splitlines() if line.startswith("l2c: error")]
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert "no usable image-caption pair" in err[0] and "missing_vector: 10" in err[0] and "Traceback" not in proc.stderr
+    assert time.monotonic() - t0 < 200
+
+
+def test_sigterm_leaves_no_data_workers(classes, tmp_path):
+    tars, _, _, cache = classes
+    proc = subprocess.Popen([sys.executable, "-m", "l2c.cli", "train-vision", "--no-progress", "--images", str(tars[0]),
+                             "--text-cache", str(cache), "--out", str(tmp_path / "run"), "batch_size=8", "steps=100000",
+                             "data.workers=2", *TINY_ARGS], cwd=ROOT, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics_file = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.5)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) >= 2  # the two DataLoader workers
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    time.sleep(2)
+    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
+             and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]  # fmt: skip
+    assert proc.returncode != 0 and alive == []
