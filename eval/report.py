@@ -181,3 +181,115 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: str | Path) -> 
     ax.set_ylabel("true")
     ax.set_title("Zero-shot confusion matrix")
     return save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------ eval-suite summaries
+
+SUITE_HEADLINE = {"retrieval": (("image_to_text/R@1", "I2T"), ("text_to_image/R@1", "T2I")),
+                  "zeroshot": (("zeroshot/top1", "top-1"),)}  # fmt: skip
+
+
+def suite_columns(sets) -> list[dict]:
+    """The paper's columns: I2T and T2I R@1 per retrieval set, top-1 per zero-shot set, in suite order."""
+    return [{"set": s.name, "metric": m, "label": f"{s.title} {short}"}
+            for s in sets for m, short in SUITE_HEADLINE[s.task]]  # fmt: skip
+
+
+def _suite_value(result: dict, column: dict) -> float | None:
+    from l2c.eval.suite import metric_values
+
+    entry = result.get("sets", {}).get(column["set"])
+    return None if entry is None else metric_values(entry).get(column["metric"])
+
+
+def _signed(x: float | None) -> str:
+    return "—" if x is None else f"{x:+.2f}"
+
+
+def suite_rows(result: dict, other: dict | None = None) -> list[tuple[str, list[str]]]:
+    """(row name, cells): this model, the other, and their difference."""
+    cols = result["columns"]
+    rows = [(result.get("model_name") or result["model"], [fmt(_suite_value(result, c)) for c in cols])]
+    if other is not None:
+        name = other.get("model_name") or other.get("model", "other")
+        rows.append((name, [fmt(_suite_value(other, c)) for c in cols]))
+        deltas = []
+        for c in cols:
+            a, b = _suite_value(result, c), _suite_value(other, c)
+            deltas.append(_signed(a - b if a is not None and b is not None else None))
+        rows.append((f"Δ ({rows[0][0]} − {name})", deltas))
+    return rows
+
+
+def suite_table(result: dict, other: dict | None = None) -> Table:
+    table = Table(title=f"eval-suite {result['suite']}: R@1 (%) / zero-shot top-1 (%)")
+    table.add_column("model")
+    for c in result["columns"]:
+        table.add_column(c["label"], justify="right")
+    for name, cells in suite_rows(result, other):
+        table.add_row(name, *cells)
+    return table
+
+
+def suite_markdown(result: dict, other: dict | None = None) -> str:
+    """suite.md: the paper's table (a row per model), then every set's recall@K, CRA, zero-shot, skipped sets."""
+    cols = result["columns"]
+    lines = [f"# eval-suite `{result['suite']}`", "",
+             f"Model `{result['model']}`, data `{result['data']}`, text encoder `{result.get('text_encoder')}`.", "",
+             "| model | " + " | ".join(c["label"] for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]  # fmt: skip
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in suite_rows(result, other)]
+    lines += ["", "I2T: image→text, T2I: text→image recall@1 (%); zero-shot: top-1 accuracy (%); "
+              "— where a set was not evaluated.", ""]  # fmt: skip
+    ks = [f"R@{k}" for k in result.get("ks", [1, 5, 10])]
+    retrieval = {n: e for n, e in result["sets"].items() if e["task"] == "retrieval"}
+    if retrieval:
+        lines += ["## Retrieval", "", "| set | images | captions | " + " | ".join(f"I2T {k}" for k in ks) + " | "
+                  + " | ".join(f"T2I {k}" for k in ks) + " |", "|---|---:|---:|" + "---:|" * (2 * len(ks))]
+        for e in retrieval.values():
+            cells = [fmt(e["image_to_text"].get(k)) for k in ks] + [fmt(e["text_to_image"].get(k)) for k in ks]
+            lines.append(f"| {e['title']} | {e['n_images']} | {e['n_texts']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for e in result["sets"].values():
+        if "cra" in e:
+            c = e["cra"]
+            lines.append(f"CRA on {e['title']} ({c['query_field']} → {c['gallery_field']}, {c['n']} images): "
+                         f"top-1 {fmt(c['cra_top1'])}, top-5 {fmt(c['cra_top5'])}.")
+        if "zeroshot" in e:
+            z = e["zeroshot"]
+            lines.append(f"Zero-shot {e['title']} ({z['n_images']} images, {z['n_classes']} classes × "
+                         f"{z['n_templates']} templates): top-1 {fmt(z['top1'])}, top-5 {fmt(z['top5'])}.")
+    if other is not None:
+        lines += ["", f"## Differences: `{result['model']}` − `{other.get('model')}` (percentage points)", "",
+                  "| set | metric | this | other | Δ |", "|---|---|---:|---:|---:|"]
+        from l2c.eval.suite import metric_values
+
+        for name, d in result.get("compare", {}).get("diff", {}).items():
+            mine, theirs = metric_values(result["sets"][name]), metric_values(other["sets"][name])
+            for k, v in d.items():
+                lines.append(f"| {result['sets'][name]['title']} | {k} | {fmt(mine[k])} | {fmt(theirs[k])} | {_signed(v)} |")
+    if result["skipped"]:
+        lines += ["", "## Skipped", ""] + [f"- `{n}`: {why}" for n, why in result["skipped"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_suite(result: dict, other: dict | None, path: str | Path) -> Path:
+    """Grouped bars: the headline number of every column, one bar per model."""
+    plt = _pyplot()
+    cols = result["columns"]
+    runs = [(result.get("model_name") or result["model"], result)]
+    if other is not None:
+        runs.append((other.get("model_name") or other.get("model", "other"), other))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cols) + 2), 4))
+    width = 0.8 / len(runs)
+    for j, (name, res) in enumerate(runs):
+        vals = [_suite_value(res, c) for c in cols]
+        xs = [i + (j - (len(runs) - 1) / 2) * width for i in range(len(cols))]
+        ax.bar(xs, [v if v is not None else 0 for v in vals], width, label=name)
+    ax.set_xticks(range(len(cols)), [c["label"] for c in cols], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("R@1 / top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title(f"eval-suite {result['suite']}")
+    ax.legend()
+    return save_figure(fig, path)

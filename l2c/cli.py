@@ -36,6 +36,7 @@ COMMAND_MODULES = (
     "l2c.trainer.vision.commands",  # train-vision
     "l2c.trainer.text.commands",  # finetune-text
     "l2c.eval.commands",  # eval-retrieval, eval-cra, eval-zeroshot
+    "l2c.eval.suite",  # eval-suite
     "l2c.submit",  # submit (Ray Job Submission)
 )
 
