@@ -114,6 +114,7 @@ class ShardEntry:
     n_truncated: int = 0
     n_tokens: int = 0
     padded_tokens: int = 0
+    partial: bool = False  # written from a damaged source: the rows before the damage (a rerun retries it)
 
 
 @dataclass

@@ -68,6 +68,8 @@ def print_embed_summary(s: dict) -> None:
     t.add_row("shards (written / skipped / total)", f"{s['shards_written']} / {s['shards_skipped']} / {s['shards']}")
     if s["shards_failed"]:
         t.add_row("[red]shards unreadable", ", ".join(s["shards_failed"]))
+    if s.get("shards_partial"):
+        t.add_row("[yellow]shards partial (damaged source)", ", ".join(s["shards_partial"]))
     t.add_row("vectors in cache", f"{s['rows']:,} × {s['dim']}")
     if s.get("prompt_format"):
         t.add_row("prompt format", f"{s['prompt_format']}  ({s.get('prompt_format_source') or 'default'})")

@@ -139,7 +139,7 @@ class ReadTokenize:
                 "n_tokens": _lists(np.asarray(tok.n_tokens, np.int32), pa.int32()),
                 "truncated": _lists(np.asarray(tok.truncated, bool), pa.bool_()),
                 "rejects": [json.dumps(rows.rejects)], "n_samples": pa.array([rows.n_samples], pa.int64()),
-                "failed": [any(r["reason"] == "unreadable_shard" for r in rows.rejects)],
+                "failed": [any(r["reason"] == "unreadable_shard" for r in rows.rejects)], "partial": [rows.partial],
             }))  # fmt: skip
         return pa.concat_tables(parts)
 
@@ -236,6 +236,7 @@ def write_shard(batch: pa.Table, out_dir: str, store_dtype: str, dim: int, stric
             rows, digest = write_shard_file(store, f"{shard}.parquet", table)
             entry = ShardEntry(
                 file=f"{shard}.parquet", source=batch.column("source")[i].as_py(), rows=rows, sha256=digest,
+                partial=bool(batch.column("partial")[i].as_py()),
                 n_rejected=len(rejects), n_truncated=int(np.sum(truncated)),
                 n_tokens=int(stats.get("real_tokens", 0)), padded_tokens=int(stats.get("padded_tokens", 0)),
             )  # fmt: skip
@@ -382,7 +383,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
         settings, spec = resolve_settings(cfg, gpus > 0)
         manifest = open_manifest(out, settings, cfg.overwrite)
         manifest.save(out)
-        done = {e.source for e in manifest.shards.values()}
+        done = {e.source for e in manifest.shards.values() if not e.partial}  # partial shards are retried
         have = set(out.list("", ".parquet"))
         todo = [s for s in sources if s not in done or f"{names[s]}.parquet" not in have]
         skipped = len(sources) - len(todo)
@@ -476,6 +477,7 @@ def _summary(cfg, sources, names, manifest, results, skipped, n_rejects, elapsed
         "shards_written": sum(r["status"] == "done" for r in results),
         "shards_skipped": skipped,
         "shards_failed": [r["shard"] for r in results if r["status"] == "failed"],
+        "shards_partial": [r["shard"] for r in results if r.get("entry", {}).get("partial")],
         "rows": sum(e.rows for e in entries),
         "rows_written": rows_new,
         "rejected": n_rejects,

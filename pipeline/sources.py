@@ -122,6 +122,7 @@ class ShardRows:
     texts: list[str] = field(default_factory=list)
     rejects: list[dict] = field(default_factory=list)
     n_samples: int = 0
+    partial: bool = False  # a damaged tar: the samples before the damage are here, the rest is lost
 
 
 def _as_text(leaf) -> tuple[str | None, str | None]:
@@ -176,11 +177,16 @@ def read_shard(source: str, shard: str, text_fields: list[str], key_field: str =
     done = 0
 
     def tar_rejected() -> None:
-        """The reader's new rejects, in stream order: a rejected sample is counted; an unreadable tar raises."""
+        """The reader's new rejects, in stream order: a rejected sample is counted; a tar damaged after some
+        readable samples keeps them (the shard is partial); one with nothing readable raises."""
         nonlocal done
         for r in tar_rejects[done:]:
             if r.reason == "unreadable_tar":
-                raise OSError(r.detail)
+                if rows.n_samples == 0:
+                    raise OSError(r.detail)
+                rows.partial = True
+                reject(None, None, "damaged_tar", r.detail)
+                continue
             rows.n_samples += 1
             reject(r.key, None, r.reason, r.detail)
         done = len(tar_rejects)

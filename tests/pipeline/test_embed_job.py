@@ -141,3 +141,20 @@ def test_make_shards_output_dir_and_an_empty_source(ray_local, minilm_path, tmp_
     s = embed([empty], tmp_path / "cache2", model=str(minilm_path), key_field="image_id", text_fields=["caption"])
     c = TextCache(tmp_path / "cache2")
     assert s["shards_written"] == 1 and len(c) == 0 and c.validate() == []
+
+
+def test_damaged_tar_embeds_its_readable_samples_and_is_retried(ray_local, minilm_path, tmp_path):
+    src = tmp_path / "src"
+    good = caption_shards(src, n_shards=2, per_shard=40)
+    data = good[1].read_bytes()
+    good[1].write_bytes(data[: len(data) // 2])  # a tar cut in half
+    s = embed(good, tmp_path / "cache", model=str(minilm_path))
+    assert s["shards_written"] == 2 and s["shards_failed"] == [] and s["shards_partial"] == ["shard-001"]
+    assert s["rejected_by_reason_this_run"] == {"damaged_tar": 1}
+    cache = TextCache(tmp_path / "cache")
+    kept = cache.read_shard("shard-001")["key"].to_pylist()
+    assert 0 < len(kept) < 80 and kept == [f"s01-{i:04d}" for i in range(len(kept) // 2) for _ in FIELDS]
+    (reject,) = [r for r in cache.rejected() if r["shard"] == "shard-001"]
+    assert str(good[1]) in reject["detail"] and cache.manifest.shards["shard-001"].partial
+    again = embed(good, tmp_path / "cache", model=str(minilm_path))  # the partial shard is retried, not skipped
+    assert again["shards_skipped"] == 1 and again["shards_written"] == 1 and again["shards_partial"] == ["shard-001"]

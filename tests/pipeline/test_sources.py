@@ -62,12 +62,18 @@ def test_tar_rows_keep_key_order_and_count_every_reject(tmp_path):
     assert rows.n_samples == 6
 
 
-def test_unreadable_tar_is_one_reported_reject(tmp_path):
-    good = caption_shards(tmp_path, 1, 50)[0].read_bytes()
+def test_damaged_tar_keeps_its_readable_samples(tmp_path):
+    good_tar = caption_shards(tmp_path, 1, 50)[0]
+    good = good_tar.read_bytes()
+    whole = read_shard(str(good_tar), "good", ["txt"])
     broken = tmp_path / "broken.tar"
     broken.write_bytes(good[: len(good) // 2] + b"\x00garbage" * 300)
     rows = read_shard(str(broken), "broken", ["txt"])
-    assert rows.keys == [] and [r["reason"] for r in rows.rejects] == ["unreadable_shard"]
+    assert rows.partial and 0 < len(rows.keys) < 50 and rows.keys == whole.keys[: len(rows.keys)]
+    assert [r["reason"] for r in rows.rejects] == ["damaged_tar"] and str(broken) in rows.rejects[0]["detail"]
+    (tmp_path / "junk.tar").write_bytes(b"\x00not a tar" * 100)  # nothing readable: the shard fails whole
+    junk = read_shard(str(tmp_path / "junk.tar"), "junk", ["txt"])
+    assert junk.keys == [] and [r["reason"] for r in junk.rejects] == ["unreadable_shard"]
 
 
 def test_jsonl_list_fields_and_bad_lines(tmp_path):
@@ -95,3 +101,13 @@ def test_parquet_source(tmp_path):
     pq.write_table(pa.table({"key": ["a", "b"], "caption": ["x y", None]}), tmp_path / "t.parquet")
     rows = read_shard(str(tmp_path / "t.parquet"), "t", ["caption"])
     assert rows.keys == ["a"] and [r["reason"] for r in rows.rejects] == ["missing_field"]
+
+
+def test_jsonl_line_with_invalid_utf8_is_rejected_whole_with_its_reason(tmp_path):
+    """The documented choice: a line that is not UTF-8 is one counted reject naming the line; the next lines
+    are read (no caption is guessed out of a damaged line)."""
+    p = tmp_path / "u.jsonl"
+    p.write_bytes(b'{"image_id": "a", "caption": "a dog", "other": "\xc3\x28"}\n{"image_id": "b", "caption": "a cat"}\n')
+    rows = read_shard(str(p), "u", ["caption"], "image_id")
+    assert rows.keys == ["b"] and rows.n_samples == 2
+    assert [(r["reason"], r["detail"]) for r in rows.rejects] == [("bad_record", "line 1: not valid UTF-8: invalid continuation byte")]
