@@ -178,10 +178,8 @@ def run_retrieval(
     cache = TextCache(text_cache)
     net = load_model(model, device)
     check_cache_fits_model(cache, net.meta)
-    fields = list(fields or cache.fields)
-    unknown = [f for f in fields if f not in cache.fields]
-    if unknown:
-        raise EvalError(f"field(s) {unknown} are not in the text cache {text_cache} (it has {cache.fields})")
+    fields = list(fields or cache.fields)  # a spec as recorded (`json:captions[*]`: every element) or a row name
+    cache.field_mask([], fields)  # an unknown field fails here, listing the cache's fields
     shards = expand_shards(images)
 
     if ray_address:

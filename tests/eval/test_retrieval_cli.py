@@ -72,7 +72,7 @@ def test_eval_retrieval_refuses_mismatched_cache(refused, setup, make_cache):
     wrong_fp = make_cache(keys, ["txt"] * 30, rng.standard_normal((30, TEXT_DIM)), fingerprint="beef")
     refused([*args, str(wrong_fp)], "fingerprint beef")
     good = make_cache(keys, ["txt"] * 30, rng.standard_normal((30, TEXT_DIM)), fingerprint="f00d")
-    refused([*args, str(good), "--fields", "long"], r"field\(s\) \['long'\] are not in the text cache")
+    refused([*args, str(good), "--fields", "long"], r"field .long. is not in text cache .* it holds txt")
 
 
 def test_eval_retrieval_missing_and_duplicate_keys(refused, setup, make_cache, tmp_path):
@@ -118,3 +118,24 @@ def test_eval_retrieval_on_ray_equals_in_process(setup, make_cache, ray_local, t
 
     feats = extract_on_ray(root / "run", expand_shards([str(root / "shards")]), ray_address="auto", tasks=2)
     assert feats.keys == keys and feats.features.shape == (30, feats.features.shape[1])
+
+
+def test_five_captions_per_image_from_one_star_field(setup, make_cache, tmp_path):
+    """A cache embedded with `--text-field 'json:captions[*]'` (rows json:captions[0..4]) gives standard
+    five-caption retrieval by default, and by the spec or one row name on --fields."""
+    from l2c.cache import Manifest
+
+    root, samples, _ = setup
+    keys = [s["key"] for s in samples]
+    t_keys = [k for k in keys for _ in range(5)]
+    t_fields = [f"json:captions[{i}]" for _ in keys for i in range(5)]
+    vecs = np.random.default_rng(3).standard_normal((len(t_keys), TEXT_DIM)).astype(np.float32)
+    cache = make_cache(t_keys, t_fields, vecs, fingerprint="f00d")
+    m = Manifest.load(cache)
+    m.settings["fields"] = ["json:captions[*]"]  # what embed-captions records for that spec
+    m.save(cache)
+    base = ["eval-retrieval", "--model", str(root / "run"), "--images", str(root / "shards"), "--text-cache", str(cache)]
+    for extra, n in (([], 150), (["--fields", "json:captions[*]"], 150), (["--fields", "json:captions[2]"], 30)):
+        out = tmp_path / f"out{n}{len(extra)}"
+        assert main([*base, *extra, "--out", str(out)]) == 0
+        assert json.loads((out / "eval.json").read_text())["n_texts"] == n
