@@ -54,3 +54,24 @@ def test_unwritable_out_fails_before_any_work(refused, captions, tmp_path):
 
 def test_missing_captions_file_is_named(refused, tmp_path):
     refused(["eval-cra", "--captions", tmp_path / "nope.jsonl", "--model", "minilm"], "nope.jsonl")
+
+
+def test_offline_hub_id_is_one_line(refused, captions, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    refused(["embed-captions", captions, "--key-field", "image_id", "--text-field", "caption", "--no-progress",
+             "--model", "someorg/some-model", "--out", tmp_path / "c"], "could not fetch 'someorg/some-model'")  # fmt: skip
+
+
+def test_truncated_tar_in_eval_names_the_file(tmp_path):
+    """eval refuses figures on part of a test set: an EvalError (one CLI line) naming the tar."""
+    from tests.eval.eval_reference import write_shards
+
+    write_shards(tmp_path / "shards", n_shards=1, per_shard=4)
+    (tar,) = sorted((tmp_path / "shards").glob("*.tar"))
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2])
+    from l2c.eval.errors import EvalError
+    from l2c.eval.features import iter_samples
+
+    with pytest.raises(EvalError, match=f"image shard {tar} could not be read whole"):
+        list(iter_samples([str(tar)]))
