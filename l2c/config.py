@@ -107,19 +107,23 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
+def load_yaml(path: str | Path) -> dict:
+    """A config file's mapping (`configs/NAME` or a path); malformed YAML names the file, line and column."""
+    p = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return data
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Load `cls` from a YAML file (or defaults), then apply `key=value` overrides."""
-    data: dict = {}
-    if path:
-        p = resolve_config_path(path)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{p}{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
+    data: dict = load_yaml(path) if path else {}
     for ov in overrides or []:
         apply_override(data, ov)
     return from_dict(cls, data)

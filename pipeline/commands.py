@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated
 
 import typer
@@ -12,9 +13,15 @@ from rich.table import Table
 console = Console()
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")  # `key=value` among the sources is a config override
+FLAG_FIELDS = {"text_field": "text_fields"}  # flag name -> EmbedConfig field, where they differ
+
+
 def embed_captions(
-    sources: Annotated[list[str], typer.Argument(help="webdataset .tar shards, .jsonl or .parquet tables; globs and {000..009} ranges")],
-    out: Annotated[str, typer.Option("--out", "-o", help="cache directory: a path, a file:// URL, or an object-store URL (s3://, gs://); on a cluster, storage every node reaches")],
+    ctx: typer.Context,
+    sources: Annotated[list[str] | None, typer.Argument(help="webdataset .tar shards, .jsonl or .parquet tables; globs and {000..009} ranges; key=value tokens are config overrides")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="cache directory: a path, a file:// URL, or an object-store URL (s3://, gs://); on a cluster, storage every node reaches")] = None,
+    config: Annotated[str | None, typer.Option("--config", help="YAML of EmbedConfig fields (configs/NAME.yaml or a path); flags given on the command line win, key=value overrides apply on top of the file")] = None,
     model: Annotated[str, typer.Option(help="local model dir, hub id, or `minilm` (the packaged all-MiniLM-L6-v2)")] = "minilm",
     text_field: Annotated[list[str], typer.Option("--text-field", "-f", help="repeatable: txt, json:long_caption, captions[0], captions[*]")] = ["txt"],  # noqa: B006
     key_field: Annotated[str, typer.Option(help="key column of table sources (tars use __key__)")] = "key",
@@ -41,6 +48,7 @@ def embed_captions(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> dict:  # fmt: skip
     """Embed every (key, field) caption of SOURCES into a Parquet text cache at OUT (resumable)."""
+    from l2c.config import ConfigError, apply_override, from_dict, load_yaml
     from l2c.pipeline.embed_job import EmbedConfig, run_embed
 
     try:
@@ -49,15 +57,22 @@ def embed_captions(
         raise typer.BadParameter(f"not JSON: {e}", param_hint="--actor-resources") from None
     if resources is not None and not isinstance(resources, dict):
         raise typer.BadParameter("expected a JSON object", param_hint="--actor-resources")
-    cfg = EmbedConfig(
-        sources=list(sources), out=str(out), model=model, text_fields=list(text_field), key_field=key_field,
-        engine=engine, pooling=pooling, normalize=normalize, max_length=max_length, dtype=dtype,
-        store_dtype=store_dtype, instruction=instruction, lora=lora, bidirectional=bidirectional,
-        prompt_format=prompt_format, batch_tokens=batch_tokens, max_batch_size=max_batch_size, num_actors=num_actors,
-        cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, actor_resources=resources,
-        read_actors=read_actors, ray_address=ray_address,
-        overwrite=overwrite, strict=strict, progress=progress,
-    )  # fmt: skip
+    # one config path: the YAML file, then key=value overrides, then the flags given on the command line
+    data = load_yaml(config) if config else {}
+    for token in [t for t in sources or [] if OVERRIDE.match(t)]:
+        apply_override(data, token)
+    srcs = [t for t in sources or [] if not OVERRIDE.match(t)]
+    if srcs:
+        data["sources"] = srcs
+    given = dict(locals())
+    given["out"], given["actor_resources"] = out, resources
+    for name in [p.name for p in ctx.command.params if p.name not in ("sources", "config")]:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            data[FLAG_FIELDS.get(name, name)] = given[name]
+    if not data.get("sources"):
+        raise ConfigError("embed-captions needs SOURCES (or `sources:` in the --config file)")
+    cfg = from_dict(EmbedConfig, data)
     summary = run_embed(cfg)
     print_embed_summary(summary)
     return summary

@@ -43,8 +43,8 @@ IDENTITY_DEFAULTS = {"prompt_format": "none"}
 class EmbedConfig:
     """Everything `embed-captions` needs; the CLI flags map one to one onto these fields."""
 
-    sources: list[str]
-    out: str
+    sources: list[str] = field(default_factory=list)
+    out: str = ""
     model: str = "minilm"
     text_fields: list[str] = field(default_factory=lambda: ["txt"])
     key_field: str = "key"
@@ -356,6 +356,8 @@ def run_embed(cfg: EmbedConfig) -> dict:
     from l2c.ray_utils import init_ray
 
     cfg.validate()
+    if not cfg.out:
+        raise ConfigError("embed-captions needs --out (or `out:` in the --config file)")
     if cfg.engine == "vllm":
         import importlib.util
 

@@ -50,6 +50,7 @@ def test_every_shipped_yaml_is_claimed_by_a_loader_and_valid():
     from l2c.cluster import load_resources, load_runtime_env
     from l2c.config import CONFIG_DIR
     from l2c.eval.suite import SuiteConfig
+    from l2c.pipeline.embed_job import EmbedConfig
     from l2c.scaling import ScalingConfig
     from l2c.trainer.text.config import FinetuneTextConfig
     from l2c.trainer.vision.config import TrainConfig
@@ -62,6 +63,7 @@ def test_every_shipped_yaml_is_claimed_by_a_loader_and_valid():
         "ray/runtime_env.yaml": load_runtime_env,
         "ray/resources.yaml": load_resources,
         "eval/*.yaml": lambda p: load_config(SuiteConfig, p),
+        "embed/*.yaml": lambda p: load_config(EmbedConfig, p),
     }
     shipped = sorted(CONFIG_DIR.rglob("*.yaml"))
     assert len(shipped) >= 8

@@ -158,3 +158,18 @@ def test_damaged_tar_embeds_its_readable_samples_and_is_retried(ray_local, minil
     assert str(good[1]) in reject["detail"] and cache.manifest.shards["shard-001"].partial
     again = embed(good, tmp_path / "cache", model=str(minilm_path))  # the partial shard is retried, not skipped
     assert again["shards_skipped"] == 1 and again["shards_written"] == 1 and again["shards_partial"] == ["shard-001"]
+
+
+def test_config_file_overrides_and_flags(ray_local, tmp_path):
+    """One config path: --config file, then key=value overrides, then flags given on the command line."""
+    src = caption_shards(tmp_path / "src", n_shards=1, per_shard=3)
+    out = tmp_path / "cache"
+    assert main(["embed-captions", "--config", "embed/minilm_demo", str(src[0]), "max_length=64",
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    s = TextCache(out).settings
+    assert (s["max_length"], s["fields"], s["model"]) == (64, ["txt", "json:long_caption"], "minilm")
+    out2 = tmp_path / "cache2"
+    assert main(["embed-captions", "--config", "embed/minilm_demo", str(src[0]), "max_length=64", "--max-length", "96",
+                 "-f", "txt", "--out", str(out2), "--no-progress"]) == 0  # fmt: skip
+    s2 = TextCache(out2).settings
+    assert (s2["max_length"], s2["fields"]) == (96, ["txt"])
