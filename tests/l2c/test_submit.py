@@ -82,7 +82,7 @@ def test_runtime_env_missing_path_is_refused(tmp_path):
     [([], "nothing to submit"), (["python", "x.py"], "runs l2c commands"), (["l2c"], "runs l2c commands"),
      (["l2c", "embed-capt", "a.tar"], "not an l2c command"), (["l2c", "submit", "--", "l2c", "version"], "not an l2c"),
      (["l2c", "embed-captions", "a.tar", "--outt", "c"], "No such option: --outt"),
-     (["l2c", "embed-captions", "a.tar"], "Missing option '--out'"), (["l2c", "cache-info", "--help"], "runs nothing")],
+     (["l2c", "train-vision", "--images", "a.tar"], "Missing option '--text-cache'"), (["l2c", "cache-info", "--help"], "runs nothing")],
 )  # fmt: skip
 def test_bad_command_lines(tokens, message):
     with pytest.raises(SubmitError, match=message) as e:
