@@ -98,6 +98,7 @@ def test_instruction_is_fed_but_left_out_of_pooling(vllm_encoder, llama32):
 
 
 def test_clear_errors_for_what_vllm_cannot_run(vllm_encoder, minilm_path, tiny_llama, tmp_path):
+    from l2c.errors import L2CError
     from l2c.pipeline.embed_job import EmbedConfig, run_embed
     from l2c.pipeline.vllm_engine import VllmEncoder
 
@@ -105,7 +106,7 @@ def test_clear_errors_for_what_vllm_cannot_run(vllm_encoder, minilm_path, tiny_l
         VllmEncoder.load(tiny_llama, dtype="float32")
     with pytest.raises(ValueError, match="LoRA"):
         VllmEncoder({"model_path": str(minilm_path), "lora": str(tmp_path), "max_length": 64})
-    with pytest.raises(ValueError, match="LoRA"):
+    with pytest.raises(L2CError, match="LoRA"):  # the job refuses it in one CLI line
         run_embed(EmbedConfig(sources=[str(tmp_path / "x.tar")], out=str(tmp_path / "c"), engine="vllm",
                               lora=str(tmp_path)))  # fmt: skip
     v = vllm_encoder(minilm_path)
