@@ -76,7 +76,7 @@ def _fail(message: str, code: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run one command in-process, as the console script does; returns the exit status."""
     global _debug
-    _debug = os.environ.get("L2C_DEBUG", "") not in ("", "0") or "--debug" in (argv or [])[:1]
+    _debug = False  # set by the root callback from --debug or L2C_DEBUG, before any command runs
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=list(argv or []), prog_name="l2c", standalone_mode=False)
