@@ -24,8 +24,8 @@ fi
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip)
 "${PIP[@]}" install -q --upgrade pip
-# torch alone first: the local CPU wheel (resolved together with other packages pip may pick a CUDA build).
-"${PIP[@]}" install -q "$TORCH"
+# torch alone first, the CPU build (the project's one torch installer; its dependencies come next).
+GPU= TORCH="$TORCH" bash scripts/install_torch.sh "$VENV/bin/python"
 # llm2vec's own pins (transformers>=4.43.1,<=4.44.2); peft 0.13 is the last one that imports beside 4.44.
 # Its evaluation extras (datasets, evaluate, scikit-learn) are not needed to encode: --no-deps, then what
 # `import llm2vec` needs.
