@@ -139,6 +139,7 @@ def run_cra(
     import tempfile
 
     from l2c.eval import report
+    from l2c.progress import track
 
     tmp = None
     if captions is not None:
@@ -155,7 +156,7 @@ def run_cra(
         query_field, gallery_field = fields
     try:
         cache = TextCache(text_cache)
-        with report.progress("caption retrieval", len(cache) // 2, "queries") as advance:
+        with track("caption retrieval", len(cache) // 2, "queries") as advance:
             result = cra_from_cache(text_cache, query_field, gallery_field, backend, advance)
     finally:
         if tmp is not None:

@@ -1,22 +1,12 @@
-"""How results are shown and kept: rich tables and progress, `eval.json`, PNG plots (matplotlib Agg)."""
+"""How results are shown and kept: rich tables, `eval.json`, PNG plots (matplotlib Agg)."""
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from l2c import atomic
@@ -24,30 +14,6 @@ from l2c import atomic
 console = Console(stderr=True)
 EVAL_JSON = "eval.json"
 DIRECTIONS = {"image_to_text": "image→text", "text_to_image": "text→image"}
-
-
-@contextmanager
-def progress(description: str, total: int | None, unit: str = "items"):
-    """A rich progress bar with rate and ETA; yields `advance(n)`."""
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(description, total=total, rate="")
-
-        def advance(n: int) -> None:
-            bar.advance(task, n)
-            t = bar.tasks[task]
-            if t.speed:
-                bar.update(task, rate=f"{t.speed:,.0f} {unit}/s")
-
-        yield advance
 
 
 def fmt(x: float) -> str:

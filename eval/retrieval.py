@@ -172,6 +172,7 @@ def run_retrieval(
     from l2c.eval import report
     from l2c.eval.features import count_samples, expand_shards, extract_image_features
     from l2c.eval.model import adapt_texts, check_cache_fits_model, load_model, resolve_device
+    from l2c.progress import track
 
     device = resolve_device(device)
     backend_name = search.resolve_backend(backend)
@@ -188,14 +189,14 @@ def run_retrieval(
         report.console.print(f"image features: {len(shards)} shard(s) on the Ray cluster at {ray_address}")
         img = extract_on_ray(model, shards, batch_size, use_gpu, ray_address)
     else:
-        with report.progress(f"image features ({len(shards)} shards)", count_samples(shards), "img") as advance:
+        with track(f"image features ({len(shards)} shards)", count_samples(shards), "img") as advance:
             img = extract_image_features(net, shards, batch_size, device, progress=advance)
     if img.skipped:
         report.console.print(f"[yellow]{len(img.skipped)} sample(s) skipped: {img.skipped[:3]}")
     text_keys, text_fields, vecs = cache.load(fields)
-    with report.progress("text features (adapter)", len(vecs), "txt") as advance:
+    with track("text features (adapter)", len(vecs), "txt") as advance:
         text_feats = adapt_texts(net, vecs, progress=advance)
-    with report.progress(f"search ({backend_name})", len(img.keys) + len(text_keys), "queries") as advance:
+    with track(f"search ({backend_name})", len(img.keys) + len(text_keys), "queries") as advance:
         res = evaluate_retrieval(
             img.keys, img.features, text_keys, text_fields, text_feats, ks, backend_name, allow_missing,
             progress=advance,

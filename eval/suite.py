@@ -275,6 +275,7 @@ def _zeroshot(net, shards: Path, zs: ZeroShotSpec, base: Path, batch_size: int, 
     from l2c.eval import report
     from l2c.eval.features import count_samples, expand_shards, extract_image_features
     from l2c.eval.zeroshot import build_classifier, load_templates, load_text_encoder, zeroshot_metrics
+    from l2c.progress import track
 
     ids, names = read_classnames(base / zs.classnames)
     templates = load_templates(base / zs.templates)
@@ -283,7 +284,7 @@ def _zeroshot(net, shards: Path, zs: ZeroShotSpec, base: Path, batch_size: int, 
     classifier = build_classifier(net, encoder, names, templates)
     del encoder
     tars = expand_shards([str(p) for p in _tars(shards)])
-    with report.progress(f"image features ({len(tars)} shards)", count_samples(tars), "img") as advance:
+    with track(f"image features ({len(tars)} shards)", count_samples(tars), "img") as advance:
         img = extract_image_features(net, tars, batch_size, device, fields=(zs.label_field,), progress=advance)
     index = {c: i for i, c in enumerate(ids)}
     values = img.values[zs.label_field]

@@ -206,6 +206,7 @@ def run_zeroshot(
     from l2c.eval import report
     from l2c.eval.features import count_samples, expand_shards, extract_image_features
     from l2c.eval.model import load_model, resolve_device
+    from l2c.progress import track
 
     device = resolve_device(device)
     classes = load_classes(classes_file)
@@ -219,7 +220,7 @@ def run_zeroshot(
     classifier = build_classifier(net, encoder, classes, templates)
     encoder_format = encoder.prompt_format
     del encoder
-    with report.progress(f"image features ({len(shards)} shards)", count_samples(shards), "img") as advance:
+    with track(f"image features ({len(shards)} shards)", count_samples(shards), "img") as advance:
         img = extract_image_features(net, shards, batch_size, device, fields=(label_field,), progress=advance)
     labels, missing = label_indices(img.values[label_field], classes, label_field)
     keep = labels >= 0

@@ -246,12 +246,15 @@ class RunDir:
 
     Work happens in a local directory: the path itself when the run directory is local, else a staging copy
     under $L2C_STAGING_DIR (default: the temp dir). `pull()` fills the staging copy from the store (small
-    files and the newest checkpoint, which is what a resume needs); `sync()` uploads what changed, each file
-    one atomic upload, checkpoints last (so a stored checkpoint never runs ahead of the metrics it resumes),
-    and removes stored files that are gone locally (pruned checkpoints).
+    files and the newest complete checkpoint, which is what a resume needs); `sync()` uploads what changed,
+    each file one atomic upload, checkpoints last (so a stored checkpoint never runs ahead of the metrics it
+    resumes) and each checkpoint's `checkpoint.json` after its other files (a checkpoint directory counts as
+    stored only with it), and removes stored files that are gone locally (pruned checkpoints, their
+    `checkpoint.json` first). Checkpoint directories are `checkpoints/<name>-XXXXXXXX/` (trainer/checkpoint.py).
     """
 
     CHECKPOINTS = "checkpoints/"
+    MARKER = "checkpoint.json"  # written last into a checkpoint directory: the directory is whole
 
     def __init__(self, spec: str | Path, tag: str = "", exclude: tuple[str, ...] = ("pairing-index/",)):
         self.store = Store(spec)
@@ -286,13 +289,14 @@ class RunDir:
         out = {}
         for p in self.local.rglob("*"):
             rel = p.relative_to(self.local).as_posix()
-            if p.is_file() and not p.name.startswith(".tmp-") and not rel.startswith(self.exclude):
+            hidden = any(part.startswith((".tmp-", ".old-")) for part in rel.split("/"))  # unfinished writes
+            if p.is_file() and not hidden and not rel.startswith(self.exclude):
                 st = p.stat()
                 out[rel] = (st.st_size, st.st_mtime_ns)
         return out
 
     def pull(self) -> int:
-        """Make the staging copy mirror the store (the newest checkpoint only); returns files downloaded."""
+        """Make the staging copy mirror the store (the newest complete checkpoint only); returns files downloaded."""
         if not self.remote:
             return 0
         import shutil
@@ -300,8 +304,12 @@ class RunDir:
         shutil.rmtree(self.local, ignore_errors=True)
         self.local.mkdir(parents=True, exist_ok=True)
         files = self._remote_files()
-        ckpts = sorted(f for f in files if f.startswith(self.CHECKPOINTS))
-        wanted = [f for f in files if not f.startswith(self.CHECKPOINTS)] + ckpts[-1:]
+        ckpts = [f[len(self.CHECKPOINTS) :] for f in files if f.startswith(self.CHECKPOINTS)]
+        # a checkpoint directory with its marker (`step-00000010/`), or a single file (an earlier layout)
+        units = sorted({c.split("/")[0] for c in ckpts if "/" not in c or c.endswith(f"/{self.MARKER}")})
+        newest = units[-1:]
+        wanted = [f for f in files if not f.startswith(self.CHECKPOINTS)]
+        wanted += [self.CHECKPOINTS + c for c in ckpts if newest and (c == newest[0] or c.startswith(newest[0] + "/"))]
         self.store.download(wanted, self.local)
         self._sent = self._local_files()
         self._stored = set(files)
@@ -313,11 +321,12 @@ class RunDir:
             return 0
         now = self._local_files()
         changed = [rel for rel, st in now.items() if self._sent.get(rel) != st]
-        changed.sort(key=lambda rel: (rel.startswith(self.CHECKPOINTS), rel))
+        changed.sort(key=lambda rel: (rel.startswith(self.CHECKPOINTS), rel.endswith(f"/{self.MARKER}"), rel))
         for rel in changed:
             self.store.fs.put_file(str(self.local / rel), self.store.path(rel))
             self._sent[rel] = now[rel]
-        for rel in sorted(self._stored - set(now)):  # gone locally (pruned checkpoints): gone in the store too
+        gone = sorted(self._stored - set(now), key=lambda rel: (not rel.endswith(f"/{self.MARKER}"), rel))
+        for rel in gone:  # gone locally (pruned checkpoints): gone in the store too, markers first
             self.store.remove(rel)
             self._sent.pop(rel, None)
         self._stored = set(now)

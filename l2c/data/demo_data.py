@@ -37,8 +37,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from l2c import atomic
-from l2c.data.writer import AtomicShardWriter, encode_sample, list_shards, progress_bar
+from l2c.data.writer import AtomicShardWriter, encode_sample, list_shards
 from l2c.errors import L2CError
+from l2c.progress import ProgressBar
 
 FORMAT_NAME = "l2c-demo-data"
 FORMAT_VERSION = 1
@@ -352,7 +353,7 @@ def _clear(out: Path) -> None:
 
 
 def write_split(out: Path, split: str, n: int, cfg: DemoDataConfig, progress=None) -> dict:
-    task = progress.add_task(f"{split}", total=n) if progress is not None else None
+    task = progress.add(split, total=n) if progress is not None else None
     labels: Counter[str] = Counter()
     objects: Counter[int] = Counter()
     with AtomicShardWriter(out / split, cfg.shard_size) as writer:
@@ -363,7 +364,7 @@ def write_split(out: Path, split: str, n: int, cfg: DemoDataConfig, progress=Non
             objects[len(meta["objects"])] += 1
             writer.write(sample)
             if task is not None:
-                progress.advance(task)
+                progress.advance(1, task)
     return {
         "n": n,
         "key_prefix": f"{split}-",
@@ -390,7 +391,7 @@ def make_demo_data(out: str | Path, cfg: DemoDataConfig | None = None, overwrite
     out.mkdir(parents=True, exist_ok=True)
     _clear(out)
     t0 = time.perf_counter()
-    with progress_bar("images", disable=not show_progress) as progress:
+    with ProgressBar("images", enabled=show_progress) as progress:
         splits = {"train": write_split(out, "train", cfg.n, cfg, progress)}
         if cfg.val_n:
             splits["val"] = write_split(out, "val", cfg.val_n, cfg, progress)

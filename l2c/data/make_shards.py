@@ -33,8 +33,9 @@ from PIL import Image
 
 from l2c import atomic
 from l2c.data.records import BadRecord, iter_records
-from l2c.data.writer import AtomicShardWriter, encode_sample, list_shards, progress_bar, shard_name
+from l2c.data.writer import AtomicShardWriter, encode_sample, list_shards, shard_name
 from l2c.errors import L2CError
+from l2c.progress import ProgressBar
 
 FORMAT_NAME = "l2c-shards"
 FORMAT_VERSION = 1
@@ -324,9 +325,9 @@ def make_shards(
 
     todo = records[start:]
     stored_bytes = 0
-    with progress_bar("images", disable=not show_progress) as progress, \
+    with ProgressBar("images", enabled=show_progress) as progress, \
             AtomicShardWriter(out, cfg.shard_size, start_shard=len(parts), on_shard=on_shard) as writer:
-        task = progress.add_task("make-shards", total=len(records), completed=start)
+        progress.add("make-shards", total=len(records), completed=start)
         results = _ordered_map(lambda r: _load(r, cfg), todo, cfg.workers)
         for i, (record, (image, error)) in enumerate(zip(todo, results, strict=True), start):
             position["next"] = i + 1
@@ -340,7 +341,7 @@ def make_shards(
                 sample = make_sample(record, image)
                 stored_bytes += len(sample[image[1]])
                 writer.write(sample)
-            progress.advance(task)
+            progress.advance()
     seconds = time.perf_counter() - t0
 
     rejected += image_rejects

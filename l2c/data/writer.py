@@ -1,4 +1,4 @@
-"""Write webdataset shards atomically, with a rich progress bar that shows items/s and ETA.
+"""Write webdataset shards atomically.
 
 Each shard is written as `DIR/.tmp-shard-000000.tar.<random>` and renamed to `DIR/shard-000000.tar` only
 when it is complete, so a crashed or interrupted run never leaves a partial tar under a final name.
@@ -12,15 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import webdataset as wds
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from l2c import atomic
 
@@ -134,28 +125,3 @@ class AtomicShardWriter:
         else:
             self.abort()
 
-
-class RateColumn(ProgressColumn):
-    """Items per second, e.g. `812 images/s`."""
-
-    def __init__(self, unit: str = "it"):
-        super().__init__()
-        self.unit = unit
-
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        if speed is None:
-            return Text(f"- {self.unit}/s", style="progress.data.speed")
-        return Text(f"{speed:,.0f} {self.unit}/s", style="progress.data.speed")
-
-
-def progress_bar(unit: str = "it", disable: bool = False) -> Progress:
-    """A rich progress bar with count, rate and ETA."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(unit),
-        TimeRemainingColumn(),
-        disable=disable,
-    )

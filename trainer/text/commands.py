@@ -7,46 +7,25 @@ from pathlib import Path
 import typer
 
 
-class StepProgress:
-    """A rich progress bar over training records: step, loss, pairs/s, ETA (one task per stage)."""
+def step_reporter(bar):
+    """An `on_step` callback drawing training records on a `ProgressBar`: one task per stage, with step, loss
+    and a smoothed pairs/s (contrastive) or steps/s (MNTP)."""
+    tasks: dict[str, int] = {}
+    smoothed: dict[str, float] = {}
 
-    def __init__(self, console):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TextColumn("{task.fields[rate]:.1f} {task.fields[unit]}/s"),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        self.tasks: dict[str, int] = {}
-        self.smoothed: dict[str, float] = {}
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
-
-    def __call__(self, rec: dict) -> None:
+    def on_step(rec: dict) -> None:
         stage = rec["stage"]
         unit = "pairs" if stage == "contrastive" else "seqs"
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(
-                stage, total=rec["total"], completed=rec["step"] - 1, loss=rec["loss"], rate=0.0, unit=unit
-            )
+        if stage not in tasks:
+            tasks[stage] = bar.add(stage, total=rec["total"], completed=rec["step"] - 1, loss=rec["loss"], rate=0.0,
+                                   unit=unit)  # fmt: skip
         n = rec.get("pairs", 0) or rec.get("targets", 0)
         rate = n / rec["step_s"] if rec["step_s"] > 0 and stage == "contrastive" else 1 / max(rec["step_s"], 1e-9)
-        s = self.smoothed.get(stage)
-        self.smoothed[stage] = rate if s is None else 0.9 * s + 0.1 * rate
-        self.progress.update(
-            self.tasks[stage], completed=rec["step"], loss=rec["loss"], rate=self.smoothed[stage], unit=unit
-        )
+        s = smoothed.get(stage)
+        smoothed[stage] = rate if s is None else 0.9 * s + 0.1 * rate
+        bar.update(tasks[stage], completed=rec["step"], loss=rec["loss"], rate=smoothed[stage], unit=unit)
+
+    return on_step
 
 
 def result_table(result: dict, out: Path):
@@ -88,6 +67,7 @@ def finetune_text_command(
     from rich.console import Console
 
     from l2c.config import load_config
+    from l2c.progress import ProgressBar
     from l2c.trainer.text.config import FinetuneTextConfig
     from l2c.trainer.text.finetune import finetune_text
 
@@ -103,8 +83,8 @@ def finetune_text_command(
     if eval_captions:
         cfg.eval.captions = [str(p) for p in eval_captions]
     console = Console(stderr=True)
-    with StepProgress(console) as progress:
-        result = finetune_text(cfg, out, resume=resume, overwrite=overwrite, on_step=progress)
+    with ProgressBar(rate=False, fields="loss {loss:.4f}  {rate:.1f} {unit}/s", console=console) as bar:
+        result = finetune_text(cfg, out, resume=resume, overwrite=overwrite, on_step=step_reporter(bar))
     console.print(result_table(result, out))
     if result.get("already_finished"):
         console.print(f"[yellow]{out} already holds a finished run of {result['total_steps']} steps[/]")

@@ -2,7 +2,7 @@
 
     OUT/config.yaml         the full config of the run (rerun it with --config OUT/config.yaml)
     OUT/metrics.jsonl       one record per step ({"type": "train"}) and per evaluation ({"type": "eval"})
-    OUT/checkpoints/        {stage}-{step}/: trainable weights, optimiser, scheduler, RNG per rank, position
+    OUT/checkpoints/        {stage}-XXXXXXXX/ (trainer/checkpoint.py): trainable weights, optimiser, scheduler, RNGs
     OUT/adapters/mntp/      the MNTP-stage LoRA adapter (merged into the base before the contrastive stage)
     OUT/adapter/            the contrastive LoRA adapter (on the MNTP-merged base)
     OUT/model/              the merged model + tokenizer + l2c_text_encoder.json: load it anywhere
@@ -27,8 +27,9 @@ import torch
 
 from l2c import atomic
 from l2c.config import ConfigError, dump_config, from_dict, to_dict
+from l2c.trainer import checkpoint as ckpt
 from l2c.trainer import distributed as D
-from l2c.trainer.checkpoint import rng_state, set_rng_state
+from l2c.trainer.checkpoint import Checkpoint, rng_state, set_rng_state
 from l2c.trainer.runlog import RunLog, read_metrics
 from l2c.trainer.schedule import make_scheduler
 from l2c.trainer.text.config import RESUME_LOCKED, FinetuneTextConfig
@@ -45,24 +46,8 @@ def stage_key(stage: str, step: int) -> tuple[int, int]:
     return STAGES.index(stage), step
 
 
-@dataclass
-class Checkpoint:
-    stage: str
-    step: int
-    path: Path
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return stage_key(self.stage, self.step)
-
-
 def list_checkpoints(out: Path) -> list[Checkpoint]:
-    found = []
-    for p in (out / CKPT_DIR).glob("*-*"):
-        stage, _, step = p.name.rpartition("-")
-        if stage in STAGES and step.isdigit() and (p / "state.json").exists():
-            found.append(Checkpoint(stage, int(step), p))
-    return sorted(found, key=lambda c: c.key)
+    return ckpt.list_checkpoints(out, STAGES)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -70,43 +55,29 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(out: Path, stage: str, step: int, model, optimizer, scheduler, info: dict, keep_last: int):
-    """All ranks write their RNG, rank 0 the rest; the directory gets its final name only when whole."""
-    from safetensors.torch import save_file
-
-    rank = D.rank()
-    name = f"{stage}-{step:07d}"
-    tmp = out / CKPT_DIR / f".tmp-{name}"
-    if rank == 0:
-        atomic.tmp_dir_for(out / CKPT_DIR / name)
-    D.barrier()
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    D.barrier()
-    if rank == 0:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({"stage": stage, "step": step, **info}, indent=2))
-        atomic.replace_dir(tmp, out / CKPT_DIR / name)
-        for old in list_checkpoints(out)[:-keep_last]:
-            shutil.rmtree(old.path, ignore_errors=True)
+    """`checkpoints/{stage}-{step}/` in the trainers' one format: trainable weights, optimiser, scheduler and
+    every rank's RNG (gathered), written by rank 0."""
+    rngs = D.all_gather_object(rng_state())
+    if D.rank() == 0:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs}
+        ckpt.save_checkpoint(out, step, state, keep_last, name=stage, weights=trainable_state(model),
+                             meta={"stage": stage, **info}, order=STAGES)  # fmt: skip
     D.barrier()
 
 
-def load_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler) -> dict:
-    from safetensors.torch import load_file
-
-    rank = D.rank()
-    state = load_file(str(ckpt.path / "trainable.safetensors"))
+def load_checkpoint(checkpoint: Checkpoint, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimiser, scheduler and this rank's RNG; returns checkpoint.json's content."""
+    saved = ckpt.load_checkpoint(checkpoint)
+    state = saved["weights"] or {}
     missing = set(trainable_state(model)) - set(state)
     if missing:
-        raise ConfigError(f"checkpoint {ckpt.path} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+        raise ConfigError(f"checkpoint {checkpoint} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
     D.unwrap(model).load_state_dict(state, strict=False)
-    opt = torch.load(ckpt.path / "optim.pt", weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    rng_file = ckpt.path / f"rng-rank{rank}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((ckpt.path / "state.json").read_text())
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if D.rank() < len(saved["rng"]):
+        set_rng_state(saved["rng"][D.rank()])
+    return saved["meta"]
 
 
 # ---------------------------------------------------------------- model set-up
@@ -193,7 +164,7 @@ def run_stage(
     t = run.cfg.train
     opt, sched = make_optimizer(model, lr, t.weight_decay, t.warmup_steps, total, t.schedule)
     step = 0
-    if resume_from is not None and resume_from.stage == stage:
+    if resume_from is not None and resume_from.name == stage:
         step = load_checkpoint(resume_from, model, opt, sched)["step"]
     model = D.wrap_ddp(model, run.device, find_unused=True)  # full fine-tuning leaves e.g. BERT's pooler out
     params = [p for p in model.parameters() if p.requires_grad]
@@ -260,7 +231,7 @@ def run_mntp(run: Run, model, tokenizer, info: dict, sentences: list[str], resum
         hidden = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
         return mntp_loss(hidden, b["labels"], head), {"targets": int((b["labels"] != -100).sum())}
 
-    resume = resume_from if resume_from is not None and resume_from.stage == "mntp" else None
+    resume = resume_from if resume_from is not None and resume_from.name == "mntp" else None
     if not run_stage(run, "mntp", model, cfg.mntp.steps, cfg.mntp.lr, step_loss, resume):
         return None
     model = D.unwrap(model)
@@ -366,7 +337,7 @@ def train_worker(job: dict) -> None:
             log.write({"type": "eval", "stage": "contrastive", "step": step, "set": s.name, "full": full, **res})
         base.train(was_training)
 
-    fresh = resume_from is None or resume_from.stage != "contrastive"
+    fresh = resume_from is None or resume_from.name != "contrastive"
     if fresh:
         evaluate(model, 0, full=True)
         if cfg.eval.max_images and any(len(s.keys) > cfg.eval.max_images for s in eval_sets):
@@ -393,7 +364,7 @@ def train_worker(job: dict) -> None:
             evaluate(current["model"], step, full=False)
 
     current = {"model": model}
-    resume = resume_from if resume_from is not None and resume_from.stage == "contrastive" else None
+    resume = resume_from if resume_from is not None and resume_from.name == "contrastive" else None
     run.last_step = resume.step if resume is not None else 0
     if resume is None or resume.step < total:
         run_stage(run, "contrastive", model, total, cfg.train.lr, step_loss, resume, after_step)
@@ -494,8 +465,8 @@ def finetune_text(
 
     if not Store(out).local:
         raise ConfigError(
-            f"--out {out}: finetune-text writes its run directory on a filesystem (every rank adds its RNG state "
-            "to each checkpoint directory); use a path every node mounts, and copy the result to object storage"
+            f"--out {out}: finetune-text writes its run directory on a filesystem (every rank resumes from its "
+            "checkpoints); use a path every node mounts, and copy the result to object storage"
         )
     out = Path(Store(out).root)
     done = out / DONE

@@ -18,6 +18,7 @@ import webdataset as wds
 from l2c.cache import CacheError, TextCache
 from l2c.cli import main
 from l2c.config import load_config
+from l2c.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from l2c.trainer.job import TrainJob
 from l2c.trainer.vision.config import TrainConfig
 from l2c.trainer.vision.export import load_exported
@@ -270,7 +271,9 @@ def test_everything_on_object_store_trains_and_resumes_the_same(classes, s3_buck
     part = train(TrainJob(cfg, remote_tars, f"{s3_bucket}/cache", out, max_steps=5, progress=False))
     assert part["step"] == 5 and part["run_dir"] == out and part["export"] == f"{out}/export"
     run = Store(out)
-    assert run.list("checkpoints") == ["step-00000004.pt", "step-00000005.pt"]  # pruned in the store too
+    stored = sorted(f for f in run.fs.find(run.path("checkpoints")))  # pruned in the store too
+    assert [f.split("/checkpoints/")[1] for f in stored] == [
+        f"step-0000000{s}/{f}" for s in (4, 5) for f in ("checkpoint.json", "model.safetensors", "state.pt")]
     assert [json.loads(x)["step"] for x in run.read_text("metrics.jsonl").splitlines()] == [1, 2, 3, 4, 5]
     assert not run.exists("pairing-index/index.json")  # derived files stay local
 
@@ -319,7 +322,7 @@ def test_kill_9_then_resume_equals_uninterrupted(classes, tmp_path):
     run = tmp_path / "killed"
     proc = subprocess.Popen(cmd(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
-    while not (run / "checkpoints" / "step-00000010.pt").exists():
+    while not (run / "checkpoints" / "step-00000010").exists():  # renamed into place when whole
         assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -343,7 +346,7 @@ def test_ray_train_two_workers(classes, ray_local, tmp_path):
     assert summary["world_size"] == 2 and summary["finished"] and summary["samples_seen"] == 6 * 8 * 2
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, 7)) and all(np.isfinite(r["loss"]) for r in rows)
-    ckpt = torch.load(sorted((tmp_path / "run" / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert ckpt["world_size"] == 2 and len(ckpt["data"]) == 2
     assert ckpt["data"][0]["digest"] != ckpt["data"][1]["digest"]  # each rank reads its own shards
     assert load_exported(tmp_path / "run").meta["embed_dim"] == 24
