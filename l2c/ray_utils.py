@@ -27,7 +27,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         ray.init(address=address, **kwargs)
     else:
         tmp = tempfile.mkdtemp(prefix="l2c-ray-", dir="/tmp")
-        ray.init(address="local", num_cpus=num_cpus, _temp_dir=tmp, **kwargs)
+        # Ray starts its workers at nice 15 by default; here they do the job's work, so they keep the priority
+        # the command was started with (anything else on the machine would otherwise starve them).
+        ray.init(address="local", num_cpus=num_cpus, _temp_dir=tmp, _system_config={"worker_niceness": 0}, **kwargs)
     import logging
 
     from ray.data import DataContext

@@ -3,7 +3,7 @@
 Stages, one Ray Data row per source shard so every stage sees a whole shard:
   read + validate + tokenize (CPU actors) → encode (model actors, one per GPU or CPU slot) → write Parquet
   (tasks; temp name + rename, or one upload to an object store) → the driver records each
-  finished shard in `manifest.json`.
+  finished shard in the manifest journal. With one encoder actor on CPUs that actor does all three itself.
 A rerun with the same settings skips finished shards; a crash loses only the shards in flight.
 """
 
@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from l2c.cache import (
+    FORMAT_NAME,
     JOURNAL_DIR,
     MANIFEST,
     REJECTED,
@@ -64,7 +65,7 @@ class EmbedConfig:
     cpus_per_actor: float | None = None
     gpus_per_actor: float | None = None
     actor_resources: dict[str, float] | None = None  # custom Ray resources per encoder actor, e.g. {"encode": 1}
-    read_actors: int | None = None  # read/decode/tokenize actors (default: 4 on GPU, 1 on CPU)
+    read_actors: int | None = None  # read/tokenize actors (default: 4 on GPU; none on CPU with one encoder)
     ray_address: str | None = None
     overwrite: bool = False
     strict: bool = False
@@ -146,38 +147,52 @@ class ReadTokenize:
 
 # ---------------------------------------------------------------- stage 2: encode
 class EncodeShard:
-    """Ray Data actor holding the frozen text model; encodes a whole shard with token-budget batches."""
+    """Ray Data actor holding the frozen text model; encodes a whole shard with token-budget batches.
 
-    def __init__(self, spec: dict, threads: int | None):
+    With `write` (the keyword arguments of `write_shard`) the actor also reads, tokenizes and writes its shards
+    itself: the one-encoder CPU layout, where a separate reader and writer would only be more processes
+    competing for the same cores."""
+
+    def __init__(self, spec: dict, threads: int | None, write: dict | None = None):
         import torch
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
+        # On a CPU the hf engine runs `threads` batches at once with one torch thread each (see
+        # TextEncoder.encode_tokenized); other engines get the threads as intra-op threads.
+        self.streams = int(threads) if threads and spec.get("engine", "hf") == "hf" else 1
         if threads:
-            torch.set_num_threads(int(threads))
+            torch.set_num_threads(1 if self.streams > 1 else int(threads))
         self.spec = spec
         self.encoder = make_encoder(spec)
+        self.read = ReadTokenize(spec) if write is not None else None
+        self.write = write
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from l2c.pipeline.encoder import Tokenized
 
+        if self.read is not None:
+            batch = self.read(batch)
         store = np.float16 if self.spec["store_dtype"] == "float16" else np.float32
+        extra = {"streams": self.streams} if self.streams > 1 else {}
         vectors, stats_col, secs = [], [], []
         for i in range(batch.num_rows):
             offsets = np.concatenate([[0], np.cumsum(_row(batch, "lengths", i))])
             flat = _row(batch, "ids", i)
-            ids = [flat[offsets[j] : offsets[j + 1]].tolist() for j in range(len(offsets) - 1)]
+            ids = [flat[offsets[j] : offsets[j + 1]] for j in range(len(offsets) - 1)]
             tok = Tokenized(ids, _row(batch, "pool_start", i), _row(batch, "n_tokens", i), _row(batch, "truncated", i))
             stats: dict = {}
             t0 = time.perf_counter()
-            emb = self.encoder.encode_tokenized(tok, self.spec["batch_tokens"], self.spec["max_batch_size"], stats)
+            emb = self.encoder.encode_tokenized(tok, self.spec["batch_tokens"], self.spec["max_batch_size"], stats,
+                                                **extra)  # fmt: skip
             vectors.append(_lists(emb.astype(store).reshape(-1), pa.from_numpy_dtype(store)))
             stats_col.append(json.dumps(stats))
             secs.append(time.perf_counter() - t0)
         out = batch.drop_columns(["ids", "lengths", "pool_start"])
         out = out.append_column("embeddings", pa.concat_arrays(vectors))
         out = out.append_column("stats", pa.array(stats_col, pa.string()))
-        return out.append_column("encode_s", pa.array(secs, pa.float64()))
+        out = out.append_column("encode_s", pa.array(secs, pa.float64()))
+        return out if self.write is None else pa.table(write_shard(out, **self.write))
 
 
 def make_encoder(spec: dict):
@@ -315,12 +330,16 @@ def resolve_settings(cfg: EmbedConfig, gpus_available: bool) -> tuple[dict, dict
     return settings, spec
 
 
-def open_manifest(out: Store, settings: dict, overwrite: bool) -> Manifest:
-    """The existing manifest when settings agree; a fresh one (old outputs removed) with --overwrite."""
+def open_manifest(out: Store, settings: dict, overwrite: bool, identity_keys: tuple = IDENTITY_KEYS,
+                  fmt: str = FORMAT_NAME) -> Manifest:  # fmt: skip
+    """The existing manifest when settings agree; a fresh one (old outputs removed) with --overwrite.
+    `identity_keys` and `fmt`: those of another cache kind (`embed-images` writes image caches)."""
     if out.exists(MANIFEST):
         old = Manifest.load(out)
-        was = {k: old.settings.get(k, IDENTITY_DEFAULTS.get(k)) for k in IDENTITY_KEYS}
-        diff = {k: (was[k], settings.get(k)) for k in IDENTITY_KEYS if was[k] != settings.get(k)}
+        was = {k: old.settings.get(k, IDENTITY_DEFAULTS.get(k)) for k in identity_keys}
+        diff = {k: (was[k], settings.get(k)) for k in identity_keys if was[k] != settings.get(k)}
+        if old.format != fmt:
+            diff["format"] = (old.format, fmt)
         if not diff:
             old.settings = settings
             return old
@@ -334,7 +353,7 @@ def open_manifest(out: Store, settings: dict, overwrite: bool) -> Manifest:
             out.remove(name)
         for name in out.list(REJECTED_DIR, ".jsonl"):
             out.remove(f"{REJECTED_DIR}/{name}")
-    return Manifest(settings=settings)
+    return Manifest(settings=settings, format=fmt)
 
 
 def assemble_rejects(out: Store, shards: list[str]) -> int:
@@ -389,7 +408,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
         have = set(out.list("", ".parquet"))
         todo = [s for s in sources if s not in done or f"{names[s]}.parquet" not in have]
         skipped = len(sources) - len(todo)
-        results = []
+        results = Tally()
         if todo:
             results = _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out)
         n_rejects = assemble_rejects(out, [names[s] for s in sources])
@@ -400,10 +419,10 @@ def run_embed(cfg: EmbedConfig) -> dict:
     return _summary(cfg, sources, names, manifest, results, skipped, n_rejects, time.time() - t0)
 
 
-def _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out) -> list[dict]:
+def _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out) -> Tally:
     import ray
 
-    from l2c.pipeline.progress import ShardProgress
+    from l2c.progress import ProgressBar
 
     on_gpu = gpus > 0 and cfg.gpus_per_actor != 0
     gpus_per = cfg.gpus_per_actor or (1 if on_gpu else 0)
@@ -416,34 +435,38 @@ def _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out) -
     ds = ray.data.from_items(
         [{"shard": names[s], "source": s} for s in todo], override_num_blocks=len(todo)
     )
-    ds = ds.map_batches(
-        ReadTokenize, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_readers),
-        num_cpus=0.5, fn_constructor_args=(spec,),
-    )  # fmt: skip
+    write = {"out_dir": out.url, "store_dtype": settings["store_dtype"], "dim": settings["dim"], "strict": cfg.strict}
+    # One encoder on CPUs: it reads, tokenizes and writes its shards itself (fewer processes on the same cores).
+    fused = not on_gpu and n_actors == 1 and cfg.read_actors is None
+    if not fused:
+        ds = ds.map_batches(
+            ReadTokenize, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_readers),
+            num_cpus=0.5, fn_constructor_args=(spec,),
+        )  # fmt: skip
     ds = ds.map_batches(
         EncodeShard, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=min(cpus_per, max(cpus - 1, 0.5)),
-        num_gpus=gpus_per if on_gpu else 0, fn_constructor_args=(spec, threads),
+        num_gpus=gpus_per if on_gpu else 0, fn_constructor_args=(spec, threads, write if fused else None),
         **({"resources": dict(cfg.actor_resources)} if cfg.actor_resources else {}),
     )  # fmt: skip
-    ds = ds.map_batches(
-        write_shard, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-        fn_kwargs={"out_dir": out.url, "store_dtype": settings["store_dtype"], "dim": settings["dim"],
-                   "strict": cfg.strict},
-    )  # fmt: skip
+    if not fused:
+        ds = ds.map_batches(write_shard, batch_size=1, batch_format="pyarrow", num_cpus=0.25, fn_kwargs=write)
 
     sizes = {names[s]: _size(s) for s in todo}
-    results, strict_fail = [], None
-    with ShardProgress(total_bytes=sum(sizes.values()), n_shards=len(todo), enabled=cfg.progress) as bar:
+    results, strict_fail = Tally(), None
+    with ProgressBar(as_bytes=True, rate=False, enabled=cfg.progress,
+                     fields="{shards}/{n_shards} shards  {captions_per_s:,.0f} captions/s {tokens_per_s:,.0f} tok/s") as bar:
+        bar.add("embed", total=sum(sizes.values()), shards=0, n_shards=len(todo), captions_per_s=0, tokens_per_s=0)
         for row in ds.iter_rows():
             res = json.loads(row["result"])
             res["shard"] = row["shard"]
-            results.append(res)
+            results.add(res)
             if res["status"] == "done":
                 manifest.record(out, row["shard"], ShardEntry(**res["entry"]))  # flat cost per shard
             elif res["status"] == "strict" and strict_fail is None:
                 strict_fail = res
             e = res.get("entry", {})
-            bar.advance(sizes[row["shard"]], e.get("rows", 0), e.get("n_tokens", 0))
+            bar.advance(sizes[row["shard"]], tally={"shards": 1, "captions": e.get("rows", 0),
+                                                    "tokens": e.get("n_tokens", 0)})
     manifest.save(out)  # the journal folded into manifest.json
     if strict_fail:
         rejects_file = out.display(f"{REJECTED_DIR}/{strict_fail['shard']}.jsonl")
@@ -464,26 +487,44 @@ def _size(path: str) -> int:
         return 1
 
 
-def _summary(cfg, sources, names, manifest, results, skipped, n_rejects, elapsed) -> dict:
+class Tally:
+    """What the summary needs from this run's finished shards, summed as they arrive (the driver keeps no
+    per-shard list, so its memory does not grow with the number of shards)."""
+
+    def __init__(self):
+        self.written = self.rows = self.tokens = self.padded = 0
+        self.reasons: dict[str, int] = {}
+        self.failed: list[str] = []
+        self.partial: list[str] = []
+
+    def add(self, res: dict) -> None:
+        for k, v in res.get("rejects", {}).items():
+            self.reasons[k] = self.reasons.get(k, 0) + v
+        e = res.get("entry", {})
+        self.written += res["status"] == "done"
+        self.rows += e.get("rows", 0)
+        self.tokens += e.get("n_tokens", 0)
+        self.padded += e.get("padded_tokens", 0)
+        if res["status"] == "failed":
+            self.failed.append(res["shard"])
+        if e.get("partial"):
+            self.partial.append(res["shard"])
+
+
+def _summary(cfg, sources, names, manifest, results: Tally, skipped, n_rejects, elapsed) -> dict:
     entries = [manifest.shards[names[s]] for s in sources if names[s] in manifest.shards]
-    reasons: dict[str, int] = {}
-    for r in results:
-        for k, v in r.get("rejects", {}).items():
-            reasons[k] = reasons.get(k, 0) + v
-    rows_new = sum(r.get("entry", {}).get("rows", 0) for r in results)
-    toks_new = sum(r.get("entry", {}).get("n_tokens", 0) for r in results)
-    padded = sum(r.get("entry", {}).get("padded_tokens", 0) for r in results)
+    rows_new, toks_new, padded = results.rows, results.tokens, results.padded
     return {
         "out": str(cfg.out),
         "shards": len(sources),
-        "shards_written": sum(r["status"] == "done" for r in results),
+        "shards_written": results.written,
         "shards_skipped": skipped,
-        "shards_failed": [r["shard"] for r in results if r["status"] == "failed"],
-        "shards_partial": [r["shard"] for r in results if r.get("entry", {}).get("partial")],
+        "shards_failed": results.failed,
+        "shards_partial": results.partial,
         "rows": sum(e.rows for e in entries),
         "rows_written": rows_new,
         "rejected": n_rejects,
-        "rejected_by_reason_this_run": reasons,
+        "rejected_by_reason_this_run": results.reasons,
         "truncated": sum(e.n_truncated for e in entries),
         "tokens_written": toks_new,
         "padding_fraction": 0.0 if not padded else 1 - toks_new / padded,

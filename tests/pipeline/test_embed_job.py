@@ -173,3 +173,19 @@ def test_config_file_overrides_and_flags(ray_local, tmp_path):
                  "-f", "txt", "--out", str(out2), "--no-progress"]) == 0  # fmt: skip
     s2 = TextCache(out2).settings
     assert (s2["max_length"], s2["fields"]) == (96, ["txt"])
+
+
+def test_one_cpu_encoder_alone_writes_the_cache_three_stages_write(ray_local, tmp_path, minilm_path):
+    """On CPUs one encoder actor reads, tokenizes and writes itself; with --read-actors the stages are separate
+    actors and tasks. Both give the same rows, token counts and vectors."""
+    shards = caption_shards(tmp_path / "src", n_shards=2, per_shard=5)
+    kw = {"model": str(minilm_path), "store_dtype": "float32"}
+    fused = embed(shards, tmp_path / "fused", **kw)
+    staged = embed(shards, tmp_path / "staged", read_actors=1, **kw)
+    assert fused["rows"] == staged["rows"] == 2 * 5 * 2 and fused["tokens_written"] == staged["tokens_written"]
+    a, b = TextCache(tmp_path / "fused"), TextCache(tmp_path / "staged")
+    assert a.validate() == [] and b.validate() == []
+    for tar in shards:
+        ta, tb = a.read_shard(tar.stem), b.read_shard(tar.stem)
+        assert ta.select(["key", "field", "n_tokens"]).equals(tb.select(["key", "field", "n_tokens"]))
+        assert np.abs(embedding_matrix(ta) - embedding_matrix(tb)).max() < 1e-5

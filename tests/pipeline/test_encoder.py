@@ -97,3 +97,21 @@ def test_unknown_model_name_says_what_to_do():
 
     with pytest.raises(ModelNotFound, match="local model directory"):
         resolve_model("no-such-org/no-such-model")
+
+
+def test_parallel_streams_give_the_single_stream_vectors_and_stats(minilm_path):
+    """Several batches at once on threads (one torch thread each): the same vectors, rows and token counts."""
+    enc = TextEncoder.load(minilm_path, dtype="float32")
+    texts = [f"{t} number {i}" + " with more words" * (i % 7) for i in range(90) for t in TEXTS[:1]]
+    tok = enc.captions(texts)
+    one, two = {}, {}
+    ref = enc.encode_tokenized(tok, batch_tokens=256, max_batch_size=8, stats=one)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = enc.encode_tokenized(tok, batch_tokens=256, max_batch_size=8, stats=two, streams=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two and one["batches"] > 2
+    assert np.abs(got - ref).max() < 1e-5
+    assert np.all((got[:5] * enc.encode(texts[:5])).sum(1) >= 0.9999)  # rows keep the input order
