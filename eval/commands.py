@@ -21,7 +21,7 @@ def _split(values: list[str] | None) -> list[str] | None:
 def register(app) -> None:
     @app.command("eval-retrieval")
     def eval_retrieval_cmd(
-        model: Path = typer.Option(..., "--model", help="Trained model: RUN_DIR or RUN_DIR/export."),
+        model: Path = typer.Option(..., "--model", help="Trained model: RUN_DIR or RUN_DIR/export, or a released LLM2CLIP model directory."),
         images: list[str] = typer.Option(
             ..., "--images", help="Image shards: tar files, directories, globs or brace ranges (repeatable)."
         ),
@@ -107,7 +107,7 @@ def register(app) -> None:
 
     @app.command("eval-zeroshot")
     def eval_zeroshot_cmd(
-        model: Path = typer.Option(..., "--model", help="Trained model: RUN_DIR or RUN_DIR/export."),
+        model: Path = typer.Option(..., "--model", help="Trained model: RUN_DIR or RUN_DIR/export, or a released LLM2CLIP model directory."),
         images: list[str] = typer.Option(..., "--images", help="Labelled image shards (repeatable)."),
         classes: Path = typer.Option(..., "--classes", help="Class names, one per line."),
         templates: Path | None = typer.Option(

@@ -18,13 +18,17 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def load_model(path: str | Path, device: str = "cpu"):
-    """An exported model (RUN_DIR or RUN_DIR/export) in eval mode, with `.meta`."""
+    """An exported model (RUN_DIR or RUN_DIR/export), or a released LLM2CLIP model directory (config.json naming
+    LLM2CLIPModel, e.g. LLM2CLIP-Openai-L-14-336), in eval mode, with `.meta`."""
     from l2c.trainer.vision.export import load_exported
+    from l2c.trainer.vision.released import is_released_dir, load_released
 
     try:
         return load_exported(path, device=device)
     except FileNotFoundError as e:
-        raise EvalError(str(e)) from e
+        if is_released_dir(path) or str(path).endswith((".pt", ".pth")):
+            return load_released(path, device=device)
+        raise EvalError(f"{e}; nor is it a released LLM2CLIP model directory (config.json naming LLM2CLIPModel)") from e
 
 
 def check_cache_fits_model(cache: TextCache, meta: dict) -> None:

@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     "l2c.pipeline.commands",  # embed-captions, cache-info
     "l2c.data.commands",  # make-demo-data, make-shards
     "l2c.trainer.vision.commands",  # train-vision
+    "l2c.trainer.vision.released",  # export (--format llm2clip-hf | open_clip)
     "l2c.trainer.text.commands",  # finetune-text
     "l2c.eval.commands",  # eval-retrieval, eval-cra, eval-zeroshot
     "l2c.eval.suite",  # eval-suite

@@ -14,8 +14,13 @@ l2c's tests call it as a subprocess and compare l2c's output with what it writes
                                      and bfloat16, plus llm2vec's own token ids and embed mask per caption.
   recall EMB.npz OUT.json            CLIP_benchmark's retrieval metrics (`zeroshot_retrieval.evaluate`) on
                                      precomputed image and caption embeddings.
+  open_clip DIR PIXELS.npy IMAGES OUT.npz
+                                     `open_clip.create_model_and_transforms('local-dir:DIR')` on an
+                                     `l2c export --format open_clip`: image features of the given pixel tensors,
+                                     and of the image files (a text file of paths) through open_clip's own
+                                     preprocessing, both unnormalised.
 
-Only this file imports llm2vec and clip_benchmark: they pin other versions of transformers than l2c.
+Only this file imports llm2vec, clip_benchmark and open_clip: they pin other versions of transformers than l2c.
 """
 
 from __future__ import annotations
@@ -162,6 +167,44 @@ def clip_benchmark_recall(emb: Path, out: Path) -> None:
     out.write_text(json.dumps(metrics, indent=2))
 
 
+def import_open_clip():
+    """open_clip, importable beside the CPU torch wheel. The index's torchvision wheel is linked against CUDA
+    torch, so its compiled ops (nms, roi_align, ...: detection ops open_clip never calls) do not load here, and
+    `import torchvision` then stops at registering fake kernels for `torchvision::nms` and `::qnms`, whose
+    schemas that library would have defined. Define just those schemas (no kernels: calling them still fails)
+    when the library did not load; everything open_clip runs is torch and PIL code."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.find_spec("torchvision")
+    libs = sorted(Path(spec.submodule_search_locations[0]).glob("_C*.so"))
+    try:
+        torch.ops.load_library(str(libs[0]))
+    except (OSError, IndexError, RuntimeError):
+        for op in ("nms", "qnms"):
+            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import open_clip
+
+    return open_clip
+
+
+def open_clip_features(export: Path, pixels: Path, images: Path, out: Path) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    open_clip = import_open_clip()
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{export}")
+    model.eval()
+    x = torch.from_numpy(np.load(pixels))
+    files = [Path(p) for p in images.read_text().splitlines() if p]
+    own = torch.stack([preprocess(Image.open(f)) for f in files])
+    with torch.no_grad():
+        np.savez(out, given=model.encode_image(x).numpy(), own=model.encode_image(own).numpy(),
+                 own_pixels=own.numpy(), version=np.asarray(open_clip.__version__))  # fmt: skip
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     if cmd == "teacher":
@@ -170,5 +213,7 @@ if __name__ == "__main__":
         llm2vec_encode(Path(args[0]), Path(args[1]), Path(args[2]))
     elif cmd == "recall":
         clip_benchmark_recall(Path(args[0]), Path(args[1]))
+    elif cmd == "open_clip":
+        open_clip_features(Path(args[0]), Path(args[1]), Path(args[2]), Path(args[3]))
     else:
         raise SystemExit(f"unknown command {cmd}")
