@@ -28,6 +28,8 @@ from l2c.errors import L2CError
 from l2c.storage import StorageError, Store, as_store, open_store
 
 FORMAT_NAME = "l2c-text-cache"
+IMAGE_FORMAT_NAME = "l2c-image-cache"  # `l2c embed-images`; read through l2c.image_cache.ImageCache
+FORMATS = {FORMAT_NAME: "text cache", IMAGE_FORMAT_NAME: "image cache"}
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 JOURNAL_DIR = "manifest.d"  # one file per shard finished since manifest.json was last written
@@ -145,7 +147,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict) -> Manifest:
-        if d.get("format") != FORMAT_NAME:
+        if d.get("format") not in FORMATS:
             raise CacheError(f"not an l2c text cache (format={d.get('format')!r})")
         if int(d.get("format_version", -1)) > FORMAT_VERSION:
             raise CacheError(
@@ -200,6 +202,11 @@ def open_cache_store(spec: str | Path | Store) -> Store:
         raise CacheError(str(e)) from e
 
 
+
+def covers(spec: str, name: str) -> bool:
+    """Whether a field spec names a row field: itself, or for `json:captions[*]` every `json:captions[i]`."""
+    return name == spec or (spec.endswith("[*]") and name.startswith(spec[:-2]) and name.endswith("]"))
+
 class TextCache:
     """Read access to a finished (or partly finished) text-embedding cache.
 
@@ -209,10 +216,20 @@ class TextCache:
     >>> table = cache.read_shard("shard-000")          # one shard, as Arrow, rows in source order
     """
 
+    FORMAT = FORMAT_NAME
+
     def __init__(self, directory: str | Path | Store):
         self.store = open_cache_store(directory)
         self.manifest = Manifest.load(self.store)
         self.settings = self.manifest.settings
+        if self.manifest.format != self.FORMAT:
+            raise CacheError(
+                f"{self.store} is an l2c {FORMATS[self.manifest.format]}, not a {FORMATS[self.FORMAT]}"
+            )
+
+    def schema(self) -> pa.Schema:
+        """The Arrow schema every non-empty shard of this cache has."""
+        return arrow_schema(self.dim, self.settings.get("store_dtype", "float16"))
 
     @property
     def _arrow_fs(self):
@@ -263,16 +280,10 @@ class TextCache:
     def field_mask(self, names: list[str], requested: list[str]) -> np.ndarray:
         """Rows whose field is one of `requested`: a spec as the manifest lists it (`json:captions[*]` takes
         every element) or one row name (`json:captions[0]`). An unknown field is an error listing the known."""
-        want, prefixes = set(), []
         for f in requested:
-            base = f.split("[", 1)[0]
-            if f not in self.fields and not any(k.split("[", 1)[0] == base and k.endswith("[*]") for k in self.fields):
+            if f not in self.fields and not any(covers(k, f) for k in self.fields):
                 raise CacheError(f"field {f!r} is not in text cache {self.dir}; it holds {', '.join(self.fields)}")
-            if f.endswith("[*]"):
-                prefixes.append(f[:-2])
-            else:
-                want.add(f)
-        return np.fromiter((n in want or any(n.startswith(p) for p in prefixes) for n in names), bool, len(names))
+        return np.fromiter((any(covers(f, n) for f in requested) for n in names), bool, len(names))
 
     def load(self, fields: list[str] | None = None, dtype=np.float32) -> tuple[list[str], list[str], np.ndarray]:
         """All rows (optionally only some fields, see `field_mask`) as (keys, fields, embeddings[n, dim])."""
@@ -296,11 +307,11 @@ class TextCache:
     def check_dims(self, expected: int | None = None) -> None:
         """Refuse, with both numbers, shards whose vectors disagree with the manifest's dim or with `expected`."""
         if expected and expected != self.dim:
-            raise CacheError(f"text cache {self.dir} holds {self.dim}-dim vectors, {expected} expected")
+            raise CacheError(f"{FORMATS[self.FORMAT]} {self.dir} holds {self.dim}-dim vectors, {expected} expected")
         for name, entry in sorted(self.manifest.shards.items()):
             if entry.rows and (size := self.shard_dim(name)) != self.dim:
                 raise CacheError(
-                    f"text cache {self.dir}: shard {name} holds {size}-dim vectors but the manifest says "
+                    f"{FORMATS[self.FORMAT]} {self.dir}: shard {name} holds {size}-dim vectors but the manifest says "
                     f"dim={self.dim}; the cache is damaged or mixed: re-embed into a new --out"
                 )
 
@@ -326,7 +337,7 @@ class TextCache:
             if pf.metadata.num_rows != entry.rows:
                 problems.append(f"{name}: {pf.metadata.num_rows} rows, manifest says {entry.rows}")
             schema = pf.schema_arrow
-            want = arrow_schema(self.dim, self.settings.get("store_dtype", "float16"))
+            want = self.schema()
             if entry.rows and not schema.equals(want, check_metadata=False):
                 got = schema.field("embedding").type if "embedding" in schema.names else None
                 if got is not None and pa.types.is_fixed_size_list(got) and got.list_size != self.dim:

@@ -1,4 +1,4 @@
-"""CLI commands of the pipeline: `embed-captions` and `cache-info`."""
+"""CLI commands of the pipeline: `embed-captions`, `embed-images` and `cache-info`."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def embed_captions(
     cpus_per_actor: Annotated[float | None, typer.Option(help="CPUs reserved per encoder actor")] = None,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per encoder actor (0 forces CPU)")] = None,
     actor_resources: Annotated[str | None, typer.Option(help='custom Ray resources per encoder actor, JSON: \'{"encode": 1}\'')] = None,
-    read_actors: Annotated[int | None, typer.Option(help="read/tokenize actors (default 4 on GPU, 1 on CPU)")] = None,
+    read_actors: Annotated[int | None, typer.Option(help="read/tokenize actors (default 4 on GPU; on CPU with one encoder actor, none: it reads and writes its shards itself)")] = None,
     ray_address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="join a Ray cluster (default: local Ray)")] = None,
     overwrite: Annotated[bool, typer.Option(help="discard a cache made with other settings")] = False,
     strict: Annotated[bool, typer.Option(help="any rejected caption is an error")] = False,
@@ -103,10 +103,11 @@ def cache_info(
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="check every shard's rows, dim and sha256")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print the manifest summary as JSON")] = False,
 ) -> dict:  # fmt: skip
-    """Print a cache's manifest summary and validate every shard."""
-    from l2c.cache import TextCache
+    """Print a cache's manifest summary (a text or an image cache) and validate every shard."""
+    from l2c.image_cache import ImageCache, open_cache
 
-    c = TextCache(cache)
+    c = open_cache(cache)
+    image = isinstance(c, ImageCache)
     problems = c.validate() if validate else []
     info = {
         "dir": str(cache),
@@ -122,9 +123,11 @@ def cache_info(
     if as_json:
         typer.echo(json.dumps(info, indent=2))
     else:
-        t = Table(title=f"text cache {cache}", show_header=False)
-        for k in ("model", "model_fingerprint", "engine", "pooling", "normalize", "max_length", "dtype",
-                  "store_dtype", "dim", "instruction", "prompt_format", "fields"):  # fmt: skip
+        t = Table(title=f"{'image' if image else 'text'} cache {cache}", show_header=False)
+        keys = ("model", "model_fingerprint", "model_type", "image_spec", "dtype", "store_dtype", "dim",
+                "patch_mean") if image else ("model", "model_fingerprint", "engine", "pooling", "normalize",
+                "max_length", "dtype", "store_dtype", "dim", "instruction", "prompt_format", "fields")  # fmt: skip
+        for k in keys:
             v = c.settings.get(k, "none" if k == "prompt_format" else None)
             if k == "prompt_format" and c.settings.get("prompt_format_source"):
                 v = f"{v}  ({c.settings['prompt_format_source']})"
@@ -139,6 +142,48 @@ def cache_info(
     return info
 
 
+def embed_images(
+    sources: Annotated[list[str], typer.Argument(help="webdataset .tar shards: paths, directories, globs, {000..009} ranges, URLs")],
+    model: Annotated[str, typer.Option("--model", help="the vision tower: a transformers model directory (pretrained, or random weights saved with save_pretrained); train-vision uses it as model.vision.pretrained")],
+    out: Annotated[str, typer.Option("--out", "-o", help="image cache directory: a path or an object-store URL (s3://, gs://)")],
+    patch_mean: Annotated[bool, typer.Option("--patch-mean/--no-patch-mean", help="also store the mean of the last layer's patch tokens")] = False,
+    dtype: Annotated[str, typer.Option(help="auto|float32|bfloat16|float16 for the tower (auto: bf16 on GPU, fp32 on CPU)")] = "auto",
+    store_dtype: Annotated[str, typer.Option(help="float32|float16 for the stored features")] = "float32",
+    batch_size: Annotated[int, typer.Option(help="images per tower forward")] = 64,
+    decode_threads: Annotated[int | None, typer.Option(help="image decoding threads per encoder actor (default 8 on GPU, 2 on CPU)")] = None,
+    num_actors: Annotated[int | None, typer.Option(help="encoder actors (default: one per GPU, else 1)")] = None,
+    cpus_per_actor: Annotated[float | None, typer.Option(help="CPUs reserved per encoder actor")] = None,
+    gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per encoder actor (0 forces CPU)")] = None,
+    ray_address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="join a Ray cluster (default: local Ray)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="discard a cache made with other settings")] = False,
+    strict: Annotated[bool, typer.Option(help="any rejected image is an error")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> dict:  # fmt: skip
+    """Cache a frozen vision tower's features for every image of SOURCES at OUT (resumable; see README)."""
+    from l2c.pipeline.embed_images import ImageEmbedConfig, run_embed_images
+
+    cfg = ImageEmbedConfig(
+        sources=list(sources), out=out, model=model, patch_mean=patch_mean, dtype=dtype, store_dtype=store_dtype,
+        batch_size=batch_size, decode_threads=decode_threads, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor, ray_address=ray_address, overwrite=overwrite, strict=strict, progress=progress,
+    )  # fmt: skip
+    s = run_embed_images(cfg)
+    t = Table(title=f"embed-images → {s['out']}", show_header=False)
+    t.add_row("shards (written / skipped / total)", f"{s['shards_written']} / {s['shards_skipped']} / {s['shards']}")
+    if s["shards_failed"]:
+        t.add_row("[red]shards unreadable", ", ".join(s["shards_failed"]))
+    if s["shards_partial"]:
+        t.add_row("[yellow]shards partial (damaged source)", ", ".join(s["shards_partial"]))
+    t.add_row("features in cache", f"{s['rows']:,} × {s['dim']}" + ("  (+ patch-token mean)" if s["patch_mean"] else ""))
+    t.add_row("throughput", f"{s['images_per_s']:,.1f} images/s")
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["rejected_by_reason_this_run"].items())) or "none"
+    t.add_row("rejected (see rejected.jsonl)", f"{s['rejected']:,}  ({reasons})")
+    t.add_row("time", f"{s['seconds']:.1f} s")
+    console.print(t)
+    return s
+
+
 def register(app: typer.Typer) -> None:
     app.command("embed-captions")(embed_captions)
+    app.command("embed-images")(embed_images)
     app.command("cache-info")(cache_info)

@@ -18,7 +18,7 @@ class TrainJob:
     """
 
     cfg: TrainConfig
-    images: str | list[str]
+    images: str | list[str] | None  # None: the tars `image_cache` was made from
     text_cache: str | Path
     out: str | Path
     resume: bool = False
@@ -29,11 +29,14 @@ class TrainJob:
     use_gpu: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
+    image_cache: str | None = None  # a frozen tower's features (`l2c embed-images`) instead of decoding images
 
     def __post_init__(self):
         if self.max_steps is not None and self.max_steps < 1:
             raise L2CError(f"--max-steps {self.max_steps}: must be at least 1 (leave it out to run the schedule)")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise L2CError(f"--max-minutes {self.max_minutes}: must be above 0")
+        if not self.images and not self.image_cache:
+            raise L2CError("train-vision needs --images (image tars) or --image-cache (from `l2c embed-images`)")
         if self.workers < 0:
             raise L2CError(f"--workers {self.workers}: must be 0 (in-process) or more")

@@ -36,7 +36,12 @@ def register(app) -> None:
             None, help="Config overrides: key=value (e.g. batch_size=64 optim.lr=1e-4)."
         ),
         images: list[str] = typer.Option(
-            ..., "--images", help="Image tars: paths, globs, brace ranges, URLs (repeatable)."
+            None, "--images", help="Image tars: paths, globs, brace ranges, URLs (repeatable); with --image-cache, "
+            "default: the tars the image cache was made from."
+        ),
+        image_cache: str = typer.Option(
+            None, "--image-cache", help="A frozen tower's features from `l2c embed-images`, used instead of decoding "
+            "images (needs model.vision.frozen=true and model.vision.pretrained=the cache's tower)."
         ),
         text_cache: str = typer.Option(
             ..., "--text-cache", help="Text-embedding cache from `l2c embed-captions` (a path or an s3://, gs:// URL)."
@@ -68,7 +73,8 @@ def register(app) -> None:
         from l2c.trainer.vision.loop import run_train_vision
 
         cfg = load_config(TrainConfig, config, overrides or [])
-        job = TrainJob(cfg, images[0] if len(images) == 1 else list(images), text_cache, out, resume=resume,
+        images = (images[0] if len(images) == 1 else list(images)) if images else None
+        job = TrainJob(cfg, images, text_cache, out, resume=resume, image_cache=image_cache,
                        max_steps=max_steps, max_minutes=max_minutes, workers=workers, ray_address=ray_address,
                        use_gpu=use_gpu, progress=not no_progress)  # fmt: skip
         print_summary(run_train_vision(job))

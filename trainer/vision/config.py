@@ -18,8 +18,16 @@ class VisionConfig:
     image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     freeze_blocks: int = 0  # freeze the embeddings and the first K transformer blocks
     gradient_checkpointing: bool = False
+    frozen: bool = False  # tower not trained (eval mode, no gradients); train-vision --image-cache needs it
+    feature: str = "pooled"  # what the image head reads: pooled | patch_mean | both (see trainer/vision/head.py)
+    head_layers: int = 1  # image head: 1 = linear projection; N > 1 = MLP of N Linear layers (ShareLock: 4)
+    head_hidden: int = 0  # MLP head width (0: embed_dim)
 
     def validate(self) -> None:
+        if self.feature not in ("pooled", "patch_mean", "both"):
+            raise ConfigError(f"model.vision.feature must be pooled, patch_mean or both, got {self.feature!r}")
+        if self.head_layers < 1 or self.head_hidden < 0:
+            raise ConfigError("model.vision.head_layers must be >= 1 and head_hidden >= 0")
         if not self.pretrained and "model_type" not in self.config:
             raise ConfigError("model.vision: set `pretrained` (a local directory) or `config.model_type`")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
@@ -48,8 +56,20 @@ class ModelConfig:
     text_dim: int = 0  # 0: take it from the cache; otherwise the cache must match
     logit_scale_init: float = 14.285714285714286  # 1/0.07
     logit_scale_max: float = 100.0
+    # A released LLM2CLIP model directory (e.g. LLM2CLIP-Openai-L-14-336) to start from: tower, projection,
+    # adapter and logit scale loaded (trainer/vision/released.py); the tower comes from it.
+    init: str = ""
+
+    def __post_init__(self) -> None:
+        if self.init and not self.vision.pretrained:
+            self.vision.pretrained = self.init
 
     def validate(self) -> None:
+        if self.init and self.vision.pretrained != self.init:
+            raise ConfigError(
+                f"model.init={self.init!r} brings its own tower; model.vision.pretrained must be empty or the same "
+                f"directory, not {self.vision.pretrained!r}"
+            )
         if self.embed_dim < 1 or self.text_dim < 0:
             raise ConfigError("model.embed_dim must be >= 1 and model.text_dim >= 0")
 
@@ -67,6 +87,8 @@ class DataConfig:
     shuffle_buffer: int = 256  # per-worker sample shuffle buffer (0: stream order)
     random_crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop; [1,1] off
     prefetch_factor: int = 4
+    hflip: bool = False  # random horizontal flips (photos; not for text in images or left/right captions)
+    shuffle_pairs: bool = False  # control: each image gets another image's captions; learning falls to chance
 
     def validate(self) -> None:
         if self.workers < 0 or self.shuffle_buffer < 0 or self.prefetch_factor < 1:

@@ -7,6 +7,9 @@ order (see `pairing.py`), passed through a seeded shuffle buffer, decoded, trans
 A slot's position is (epoch, items emitted), so resuming replays the stream up to there without
 decoding anything and continues with the very same batches.
 
+With an image cache (a frozen tower's features, `l2c embed-images`), the cache gives back each tar's sample
+sequence (see `l2c.image_cache`) and batches carry `features [B,width]` instead: same items, same order.
+
 Batches are dicts: `pixel_values [B,3,H,W]`, `vectors [B,dim]`, `keys`, `fields`, `pos` (slot, epoch,
 emitted after this batch) and `stats` (skip counts since the slot's previous batch).
 """
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from l2c.cache import covers
 from l2c.data.images import decode_image, image_member
 from l2c.data.shards import read_tar
 from l2c.errors import L2CError
@@ -65,8 +69,11 @@ class StreamSpec:
     shuffle_shards: bool = True
     shuffle_buffer: int = 0
     crop_scale: tuple[float, float] = (0.9, 1.0)
+    hflip: bool = False
     start: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (epoch, emitted)
     rotation: int = 0  # physical worker p plays slot (p + rotation) % num_workers
+    image_cache: str | None = None  # a frozen tower's features (`l2c embed-images`) instead of decoding images
+    feature: str = "pooled"  # which cached feature: pooled | patch_mean | both
 
     @property
     def n_slots(self) -> int:
@@ -76,9 +83,21 @@ class StreamSpec:
 class PairedStream(IterableDataset):
     """Endless stream of paired, transformed batches for this rank (see module docstring)."""
 
+    input_key = "pixel_values"  # the batch's image input (`features` when they come from an image cache)
+
     def __init__(self, spec: StreamSpec):
         super().__init__()
         self.spec = spec
+
+    def samples(self, url: str, rejects: list) -> Iterator[dict]:
+        """The samples of one shard in tar order; what cannot be a sample goes to `rejects` (TarReject)."""
+        return read_tar(url, rejects)
+
+    def image_input(self, sample: dict, rng: random.Random) -> torch.Tensor:
+        """The model's image input for a sample; raises when the image does not decode."""
+        size = self.spec.image_spec.image_size
+        img = decode_image(sample[image_member(sample)], target=size)
+        return train_transform(img, self.spec.image_spec, rng, self.spec.crop_scale, self.spec.hflip)
 
     # -- the item stream of one slot ------------------------------------------------------------
     def _epoch_items(self, slot: int, epoch: int) -> Iterator[tuple]:
@@ -98,7 +117,7 @@ class PairedStream(IterableDataset):
             url = s.shards[shard_idx]
             rejects: list = []  # l2c.data.shards.TarReject: duplicate_member samples, an unreadable tar
             owner = every == 1 or shard_idx % s.n_slots == g  # counts the shard-level events
-            paired = s.pairing.pair_shard(url, read_tar(url, rejects))
+            paired = s.pairing.pair_shard(url, self.samples(url, rejects))
             for pos, item in enumerate(paired):
                 kind = item[0]
                 if kind == "end":  # ("end", {"vector_without_image": n, "misordered": m})
@@ -130,7 +149,6 @@ class PairedStream(IterableDataset):
         is a `DataError` naming what went wrong, never an endless wait."""
         s = self.spec
         epoch, skip = s.start.get(slot, (0, 0))
-        size = s.image_spec.image_size
         pixels, vecs, keys, flds = [], [], [], []
         stats: Counter = Counter()
         examples: dict[str, list[str]] = {}
@@ -158,8 +176,7 @@ class PairedStream(IterableDataset):
                 _, key, sample, choices = item
                 rng = seeded(s.seed, "sample", epoch, key)
                 try:
-                    img = decode_image(sample[image_member(sample)], target=size)
-                    pix = train_transform(img, s.image_spec, rng, s.crop_scale)
+                    pix = self.image_input(sample, rng)
                 except Exception:  # truncated or undecodable image data
                     stats["corrupt_image"] += 1
                     seen["corrupt_image"] += 1
@@ -173,7 +190,7 @@ class PairedStream(IterableDataset):
                 flds.append(name)
                 if len(keys) == s.batch_size:
                     yield {
-                        "pixel_values": torch.stack(pixels),
+                        self.input_key: torch.stack(pixels),
                         "vectors": torch.from_numpy(np.stack(vecs).astype(np.float32)),
                         "keys": keys,
                         "fields": flds,
@@ -202,7 +219,7 @@ class PairedStream(IterableDataset):
         if len(names) == 1:
             return names[0], choices[names[0]]
         w = self.spec.field_weights
-        weights = [float(w.get(n, 1.0 if not w else 0.0)) for n in names]
+        weights = [float(w[n]) if n in w else _spec_weight(w, n) for n in names]
         if sum(weights) <= 0:
             weights = [1.0] * len(names)
         name = rng.choices(names, weights=weights)[0]
@@ -218,6 +235,13 @@ class PairedStream(IterableDataset):
         yield from self._slot_batches((physical + self.spec.rotation) % w)
 
 
+def _spec_weight(weights: dict[str, float], name: str) -> float:
+    """A row field's weight: that of the spec covering it (`json:captions[*]`), 1 without weights, else 0."""
+    if not weights:
+        return 1.0
+    return next((float(w) for spec, w in weights.items() if covers(spec, name)), 0.0)
+
+
 def _reject_stats(rejects: list) -> list[tuple]:
     """("stat", ...) items for what the tar reader rejected: each duplicate_member sample (the text cache,
     read with the same reader, has no rows for it either), and an unreadable tar as one shard_error."""
@@ -229,10 +253,13 @@ def _reject_stats(rejects: list) -> list[tuple]:
 
 
 def make_loader(spec: StreamSpec, pin_memory: bool = False, prefetch_factor: int = 4):
-    """A DataLoader over `PairedStream`; batch i comes from worker i mod num_workers (in order)."""
+    """A DataLoader over `PairedStream` (or, with `spec.image_cache`, `CachedFeatureStream`); batch i comes from
+    worker i mod num_workers (in order)."""
     from torch.utils.data import DataLoader
+
+    from l2c.trainer.vision.image_cache import CachedFeatureStream
 
     kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if spec.num_workers else {}
     return DataLoader(
-        PairedStream(spec), batch_size=None, num_workers=spec.num_workers, pin_memory=pin_memory, **kwargs
+        (CachedFeatureStream if spec.image_cache else PairedStream)(spec), batch_size=None, num_workers=spec.num_workers, pin_memory=pin_memory, **kwargs
     )

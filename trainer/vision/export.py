@@ -63,6 +63,8 @@ def export_model(
         "text_dim": model.text_dim,
         "embed_dim": model.embed_dim,
         "adapter": dict(model.adapter_shape),
+        "image_head": dict(model.image_head_shape),  # feature the head reads, its layers and width
+        "frozen_tower": model.frozen,
         "logit_scale": float(model.scale().detach()),
         "logit_scale_max": model.logit_scale_max,
         "logit_bias": float(model.logit_bias.detach()) if model.logit_bias is not None else None,
@@ -126,6 +128,10 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
         expansion=int(meta["adapter"]["expansion"]),
         logit_scale_max=float(meta.get("logit_scale_max", 100.0)),
         logit_bias_init=meta.get("logit_bias"),
+        frozen=bool(meta.get("frozen_tower", False)),
+        feature=meta.get("image_head", {}).get("feature", "pooled"),
+        head_layers=int(meta.get("image_head", {}).get("layers", 1)),
+        head_hidden=int(meta.get("image_head", {}).get("hidden", 0)),
     )
     heads = load_file(str(root / HEADS))
     missing, unexpected = model.load_state_dict(heads, strict=False)

@@ -27,6 +27,7 @@ from l2c.cache import CacheError, TextCache
 from l2c.config import dump_config, to_dict
 from l2c.data.shards import expand_shards
 from l2c.errors import L2CError
+from l2c.progress import ProgressBar
 from l2c.storage import RunDir, Store
 from l2c.trainer import distributed as D
 from l2c.trainer.checkpoint import (
@@ -102,9 +103,22 @@ def build_model(cfg: TrainConfig, text_dim: int) -> tuple[L2CModel, object]:
         logit_scale_init=cfg.model.logit_scale_init,
         logit_scale_max=cfg.model.logit_scale_max,
         logit_bias_init=cfg.loss.siglip_bias_init if cfg.loss.kind == "siglip" else None,
+        frozen=cfg.model.vision.frozen,
+        feature=cfg.model.vision.feature,
+        head_layers=cfg.model.vision.head_layers,
+        head_hidden=cfg.model.vision.head_hidden,
     )
+    if cfg.model.init:  # a released LLM2CLIP checkpoint: its weights before any freezing
+        from l2c.trainer.vision.released import init_from_released
+
+        init_from_released(model, cfg.model.init, text_dim)
     freeze_first_blocks(model.tower, cfg.model.vision.freeze_blocks)
     return model, processor
+
+
+def shuffle_seed(cfg: TrainConfig) -> int | None:
+    """The shuffled-pairs control's seed (`data.shuffle_pairs`), or None for true pairs."""
+    return cfg.seed if cfg.data.shuffle_pairs else None
 
 
 def check_cache(cfg: TrainConfig, cache: TextCache) -> None:
@@ -126,33 +140,6 @@ def _merge_examples(into: dict[str, list[str]], new: dict[str, list[str]]) -> No
     for k, v in new.items():
         lst = into.setdefault(k, [])
         lst.extend(v[: max(0, MAX_EXAMPLES - len(lst))])
-
-
-def _progress(total: int, start: int, enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    prog = Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(
-            "loss {task.fields[loss]:.4f}  {task.fields[ips]:.0f} img/s  wait {task.fields[wait]:.0%}"
-        ),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
-    task = prog.add_task("train", total=total, completed=start, loss=float("nan"), ips=0.0, wait=0.0)
-    return prog, task
 
 
 @dataclass
@@ -181,6 +168,7 @@ class Run:
     stats: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     resumed_from: int | None = None
+    image_cache: object = None  # l2c.image_cache.ImageCache with `--image-cache`
 
     @property
     def cfg(self) -> TrainConfig:
@@ -255,7 +243,7 @@ def resume(r: Run, ckpt: dict | None) -> None:
     """Load a checkpoint's weights, optimiser, schedule, RNG and data positions into `r`."""
     if ckpt is None:
         return
-    r.model.load_state_dict(ckpt["model"])
+    r.model.load_state_dict(ckpt["weights"])
     r.opt.load_state_dict(ckpt["optimizer"])
     r.sched.load_state_dict(ckpt["scheduler"])
     set_rng_state(ckpt["rng"][r.rank])
@@ -274,12 +262,12 @@ def make_stream(r: Run, shards: list[str]):
     if r.main:
         r.paths.root.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, r.paths.config)
-        pairing = plan_pairing(r.cache, shards, cfg.data.pairing, r.fields, r.paths.index)
+        pairing = plan_pairing(r.cache, shards, cfg.data.pairing, r.fields, r.paths.index, shuffle_seed(cfg))
         # a resumed run continues the metrics of its checkpoint; lines a killed run wrote after it are dropped
         r.log.rewind(lambda rec: rec["step"] <= r.step)
     D.barrier()
     if not r.main:
-        pairing = plan_pairing(r.cache, shards, cfg.data.pairing, r.fields, r.paths.index)
+        pairing = plan_pairing(r.cache, shards, cfg.data.pairing, r.fields, r.paths.index, shuffle_seed(cfg))
     spec = StreamSpec(
         shards=shards,
         pairing=pairing,
@@ -293,8 +281,11 @@ def make_stream(r: Run, shards: list[str]):
         shuffle_shards=cfg.data.shuffle_shards,
         shuffle_buffer=cfg.data.shuffle_buffer,
         crop_scale=tuple(cfg.data.random_crop_scale),
+        hflip=cfg.data.hflip,
         start=r.positions,
         rotation=r.step % max(1, cfg.data.workers),
+        image_cache=r.image_cache.dir if r.image_cache is not None else None,
+        feature=cfg.model.vision.feature,
     )
     loader = make_loader(spec, pin_memory=r.device.type == "cuda", prefetch_factor=cfg.data.prefetch_factor)
     return pairing, loader
@@ -302,10 +293,11 @@ def make_stream(r: Run, shards: list[str]):
 
 def train_step(r: Run, batch: dict, autocast) -> torch.Tensor:
     """One optimiser step on `batch`; advances the step, data position and digest. Returns the loss."""
-    pixels = batch["pixel_values"].to(r.device, non_blocking=True)
+    feats = batch["features"].to(r.device, non_blocking=True) if "features" in batch else None  # --image-cache
+    pixels = batch["pixel_values"].to(r.device, non_blocking=True) if feats is None else None
     vectors = batch["vectors"].to(r.device, non_blocking=True)
     with autocast:
-        img, txt, scale, bias = r.net(pixels, vectors)
+        img, txt, scale, bias = r.net(pixels, vectors, features=feats)
         loss = r.loss_fn(img, txt, scale, bias)
     r.opt.zero_grad(set_to_none=True)
     loss.backward()  # bf16 autocast needs no loss scaling
@@ -324,7 +316,7 @@ def train_step(r: Run, batch: dict, autocast) -> torch.Tensor:
 
 
 def checkpoint(r: Run, shards: list[str]) -> None:
-    """Every rank's RNG and data position into one checkpoint file, written by rank 0 (then synced)."""
+    """Every rank's RNG and data position into one checkpoint (trainer/checkpoint.py), written by rank 0, then synced."""
     data = {"positions": r.positions, "stats": dict(r.stats), "examples": r.examples, "digest": r.digest}
     all_data, all_rng = D.all_gather_object(data), D.all_gather_object(rng_state())
     if not r.main:
@@ -332,7 +324,6 @@ def checkpoint(r: Run, shards: list[str]) -> None:
     state = {
         "step": r.step,
         "samples_seen": r.samples_seen,
-        "model": r.model.state_dict(),
         "optimizer": r.opt.state_dict(),
         "scheduler": r.sched.state_dict(),
         "rng": all_rng,
@@ -343,7 +334,7 @@ def checkpoint(r: Run, shards: list[str]) -> None:
         "shards": shards,
         "config": to_dict(r.cfg),
     }
-    save_checkpoint(r.paths.root, r.step, state, r.cfg.keep_checkpoints)
+    save_checkpoint(r.paths.root, r.step, state, r.cfg.keep_checkpoints, weights=r.model.state_dict())
     r.run.sync()  # an object-store --out: what changed, the checkpoint last
     log.info("checkpoint at step %d in %s", r.step, r.run.display("checkpoints"))
 
@@ -363,7 +354,7 @@ def _train(job: TrainJob, device: str | torch.device | None = None, on_step=None
     r, ckpt = setup(job, device)
     resume(r, ckpt)
     cfg = r.cfg
-    shards = expand_shards(job.images, what="image shard")
+    shards = _input_shards(r)
     pairing, loader = make_stream(r, shards)
     log.info("training %s: %d shard(s), %s pairing, rank %d of %d on %s", r.run.display(), len(shards),
              pairing.mode, r.rank, r.world, r.device)  # fmt: skip
@@ -374,7 +365,8 @@ def _train(job: TrainJob, device: str | torch.device | None = None, on_step=None
     autocast = torch.autocast(r.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     r.net.train()
     it = iter(loader)
-    prog, task = _progress(cfg.steps, r.step, job.progress and r.main)
+    prog = ProgressBar(rate=False, fields="loss {loss:.4f}  {ips:.0f} img/s  wait {wait:.0%}", enabled=job.progress and r.main)
+    task = prog.add("train", total=cfg.steps, completed=r.step, loss=float("nan"), ips=0.0, wait=0.0)
     win = Counter()  # data wait, step time and images since the last logged step
     stopped_by = "steps"
     t_prev = time.perf_counter()
@@ -407,6 +399,20 @@ def _train(job: TrainJob, device: str | torch.device | None = None, on_step=None
     del it
     checkpoint(r, shards)
     return finish(r, pairing, shards, stopped_by)
+
+
+def _input_shards(r: Run) -> list[str]:
+    """The image tars (--images; with only --image-cache, the tars it was made from), the image cache checked."""
+    if not getattr(r.job, "image_cache", None):
+        return expand_shards(r.job.images, what="image shard")
+    from l2c.image_cache import ImageCache
+    from l2c.trainer.vision.head import feature_width
+    from l2c.trainer.vision.image_cache import check_image_cache, image_cache_shards
+
+    r.image_cache = cache = ImageCache(r.job.image_cache)
+    shards = expand_shards(r.job.images, what="image shard") if r.job.images else image_cache_shards(cache)
+    check_image_cache(r.cfg, cache, r.cache, r.model.image_spec, feature_width(r.model.tower), shards)
+    return shards
 
 
 def _next_batch(it) -> dict:
@@ -524,7 +530,8 @@ def train_on_ray(job: TrainJob) -> dict:
     run.makedirs()
     storage = f"{run.root}/ray" if run.local else tempfile.mkdtemp(prefix="l2c-ray-train-")  # metrics only
     # absolute paths or URLs: workers run elsewhere
-    job = replace(job, text_cache=Store(job.text_cache).url, out=run.url, progress=False)
+    job = replace(job, text_cache=Store(job.text_cache).url, out=run.url, progress=False,
+                  image_cache=Store(job.image_cache).url if job.image_cache else None)
     launch(_ray_worker, {"job": job}, name="train-vision", workers=job.workers, storage=storage,
            use_gpu=job.use_gpu, ray_address=job.ray_address)  # fmt: skip
     return json.loads(run.read_text("summary.json"))

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from l2c.trainer.vision.adapter import TextAdapter
-from l2c.trainer.vision.tower import ImageSpec, pooled_output, tower_width
+from l2c.trainer.vision.head import feature_width, make_image_head, tower_features
+from l2c.trainer.vision.tower import ImageSpec
 
 
 class L2CModel(nn.Module):
-    """Image side: tower -> pooled -> Linear(embed_dim). Text side: adapter on the cached vector."""
+    """Image side: tower -> pooled (or patch mean) -> head (Linear(embed_dim), or an MLP). Text side: adapter on
+    the cached vector. A `frozen` tower stays in eval mode without gradients; its features may come cached."""
 
     def __init__(
         self,
@@ -26,13 +29,22 @@ class L2CModel(nn.Module):
         logit_scale_init: float = 1 / 0.07,
         logit_scale_max: float = 100.0,
         logit_bias_init: float | None = None,
+        frozen: bool = False,
+        feature: str = "pooled",
+        head_layers: int = 1,
+        head_hidden: int = 0,
     ):
         super().__init__()
         self.tower = tower
+        self.frozen, self.feature = frozen, feature
+        self.image_head_shape = {"feature": feature, "layers": head_layers, "hidden": head_hidden}
+        if frozen:
+            tower.requires_grad_(False)
+            tower.eval()
         self.image_spec = image_spec
         self.text_dim, self.embed_dim = text_dim, embed_dim
         self.adapter_shape = {"n_blocks": n_blocks, "expansion": expansion}
-        self.visual_proj = nn.Linear(tower_width(tower), embed_dim, bias=False)
+        self.visual_proj = make_image_head(feature_width(tower, feature), embed_dim, head_layers, head_hidden)
         self.adapter = TextAdapter(text_dim, embed_dim, n_blocks, expansion)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
         self.logit_scale_max = logit_scale_max
@@ -47,14 +59,30 @@ class L2CModel(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.logit_scale_max)
 
-    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        x = self.visual_proj(pooled_output(self.tower, pixel_values))
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.tower.eval()  # a frozen tower computes what its cached features hold (no dropout)
+        return self
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's features the head reads (what `l2c embed-images` caches for a frozen tower)."""
+        with torch.no_grad() if self.frozen else nullcontext():
+            return tower_features(self.tower, pixel_values, self.feature)
+
+    def encode_features(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.visual_proj(features)
         return F.normalize(x.float(), dim=-1) if normalize else x
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.encode_features(self.image_features(pixel_values), normalize)
 
     def encode_text(self, vectors: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         x = self.adapter(vectors)
         return F.normalize(x.float(), dim=-1) if normalize else x
 
-    def forward(self, pixel_values: torch.Tensor, vectors: torch.Tensor):
-        """(image features, text features, logit scale, logit bias or None); features L2-normalised."""
-        return self.encode_image(pixel_values), self.encode_text(vectors), self.scale(), self.logit_bias
+    def forward(self, pixel_values: torch.Tensor | None, vectors: torch.Tensor, features: torch.Tensor | None = None):
+        """(image features, text features, logit scale, logit bias or None); features L2-normalised. Cached
+        tower `features` (a frozen tower) stand in for `pixel_values`."""
+        img = self.encode_features(features) if features is not None else self.encode_image(pixel_values)
+        return img, self.encode_text(vectors), self.scale(), self.logit_bias

@@ -20,22 +20,22 @@ from pathlib import Path
 import numpy as np
 
 from l2c import atomic
-from l2c.cache import CacheError, TextCache, embedding_matrix
+from l2c.cache import CacheError, TextCache, covers, embedding_matrix
 from l2c.data.images import image_member
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 def used_fields(cache: TextCache, weights: dict[str, float]) -> list[str]:
     """Cache fields to sample captions from: those with weight > 0 (all, when no weights are given)."""
     if not weights:
         return cache.fields
-    unknown = sorted(set(weights) - set(cache.fields))
+    unknown = sorted(w for w in weights if not any(covers(f, w) for f in cache.fields))
     if unknown:
         raise CacheError(
             f"data.caption_weights names field(s) {unknown} the cache lacks (it has {cache.fields})"
         )
-    fields = [f for f in cache.fields if weights.get(f, 0) > 0]
+    fields = [w for w, x in weights.items() if x > 0]
     if not fields:
         raise CacheError("data.caption_weights gives every field weight 0")
     return fields
@@ -51,6 +51,7 @@ class Pairing:
         shard_names: dict[str, str] | None = None,
         index_dir: str | Path | None = None,
         strict: bool = False,
+        shuffle_seed: int | None = None,
     ):
         if (shard_names is None) == (index_dir is None):
             raise ValueError("give shard_names (aligned) or index_dir (join)")
@@ -59,6 +60,7 @@ class Pairing:
         self.shard_names = shard_names
         self.index_dir = str(index_dir) if index_dir else None
         self.strict = strict
+        self.shuffle_seed = shuffle_seed  # the shuffled-pairs control: each key gets another key's captions
         self._loaded: tuple | None = None
 
     @property
@@ -66,7 +68,7 @@ class Pairing:
         return "aligned" if self.shard_names is not None else "join"
 
     def __getstate__(self):
-        return {**self.__dict__, "_loaded": None}
+        return {**self.__dict__, "_loaded": None, "_perm": None}
 
     # -- aligned ----------------------------------------------------------------------------------
     def _shard_groups(self, name: str) -> tuple[list[str], dict[str, int], list[dict[str, np.ndarray]]]:
@@ -82,13 +84,16 @@ class Pairing:
         order: list[str] = []
         where: dict[str, int] = {}
         groups: list[dict[str, np.ndarray]] = []
+        wanted = cache.field_mask(flds, self.fields)
         for i, (k, f) in enumerate(zip(keys, flds, strict=True)):
             if k not in where:
                 where[k] = len(order)
                 order.append(k)
                 groups.append({})
-            if f in self.fields:
+            if wanted[i]:
                 groups[where[k]][f] = vecs[i]
+        if self.shuffle_seed is not None:
+            groups = [groups[j] for j in derangement(len(groups), self.shuffle_seed, name)]
         self._loaded = (name, (order, where, groups))
         return order, where, groups
 
@@ -139,11 +144,18 @@ class Pairing:
         i = int(np.searchsorted(keys, k))
         if i >= len(keys) or keys[i] != k:
             return {}
+        if self.shuffle_seed is not None:
+            i = int(self._derangement()[i])
         return {
             f: np.asarray(vecs[r], dtype=np.float32)
             for f, r in zip(meta["fields"], rows[i], strict=True)
-            if r >= 0 and f in self.fields
+            if r >= 0 and any(covers(s, f) for s in self.fields)
         }
+
+    def _derangement(self) -> np.ndarray:
+        if getattr(self, "_perm", None) is None:
+            self._perm = derangement(len(self._index()[1]), self.shuffle_seed)
+        return self._perm
 
     def _pair_join(self, url: str, samples: Iterator[dict]) -> Iterator[tuple]:
         for sample in samples:
@@ -157,7 +169,7 @@ class Pairing:
     def _item(key: str, sample: dict, choices: dict) -> tuple:
         if not choices:
             return ("missing_vector", key)
-        if image_member(sample) is None:
+        if image_member(sample) is None and "__features__" not in sample:  # an image cache's sample: see ImageCache
             return ("missing_image", key)
         return ("ok", key, sample, choices)
 
@@ -165,6 +177,15 @@ class Pairing:
         if self.shard_names is not None:
             return self._pair_aligned(url, samples)
         return self._pair_join(url, samples)
+
+
+def derangement(n: int, seed: int, salt: str = "") -> np.ndarray:
+    """A fixed permutation with no fixed point (n > 1): position i takes the item at [i]."""
+    rng = np.random.default_rng([seed, *salt.encode()])
+    order = rng.permutation(n)
+    out = np.arange(n)
+    out[order] = np.roll(order, -1)
+    return out
 
 
 def longest_increasing(seq: list[int]) -> int:
@@ -192,7 +213,7 @@ def build_join_index(cache: TextCache, out_dir: str | Path) -> Path:
         if {k: old.get(k) for k in stamp} == stamp:
             return out_dir
     keys, flds, vecs = cache.load(dtype=np.float16)
-    fields = cache.fields
+    fields = list(dict.fromkeys(flds))  # row field names: `json:captions[*]` is stored as captions[0], [1], ...
     fpos = {f: i for i, f in enumerate(fields)}
     ukeys = sorted(set(keys))
     kpos = {k: i for i, k in enumerate(ukeys)}
@@ -210,7 +231,12 @@ def build_join_index(cache: TextCache, out_dir: str | Path) -> Path:
 
 
 def plan_pairing(
-    cache: TextCache, shards: list[str], mode: str, fields: list[str], index_dir: str | Path
+    cache: TextCache,
+    shards: list[str],
+    mode: str,
+    fields: list[str],
+    index_dir: str | Path,
+    shuffle_seed: int | None = None,
 ) -> Pairing:
     """Aligned when every tar has its own cache shard (mode auto/aligned), else a join index."""
     names = {url: cache.shard_for_source(url) for url in shards}
@@ -221,5 +247,5 @@ def plan_pairing(
             "embed them, or use data.pairing=join"
         )
     if mode in ("auto", "aligned") and not missing:
-        return Pairing(cache.dir, fields, shard_names=names, strict=mode == "aligned")
-    return Pairing(cache.dir, fields, index_dir=build_join_index(cache, index_dir))
+        return Pairing(cache.dir, fields, shard_names=names, strict=mode == "aligned", shuffle_seed=shuffle_seed)
+    return Pairing(cache.dir, fields, index_dir=build_join_index(cache, index_dir), shuffle_seed=shuffle_seed)

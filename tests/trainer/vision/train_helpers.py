@@ -134,3 +134,36 @@ def class_cache_for(
         ]
         shards[tar.name.split(".")[0]] = (str(tar.resolve()), rows)
     return write_cache(cache_dir, shards, vecs.shape[1], list(fields))
+
+
+def save_tower(path: Path, seed: int = 0, config: dict | None = None) -> Path:
+    """A random-weight vision tower (TINY_VIT by default) and its image processor, saved as a model directory."""
+    import torch
+
+    from l2c.trainer.vision.config import VisionConfig
+    from l2c.trainer.vision.tower import build_vision_tower
+
+    torch.manual_seed(seed)
+    tower, _, proc = build_vision_tower(VisionConfig(config=dict(config or TINY_VIT)))
+    tower.save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+def image_tars(root: Path, n_shards: int = 3, per_shard: int = 10, bad: bool = True) -> list[Path]:
+    """Class images; with `bad`, shard 1 holds a JPEG cut short (sample 3) and a sample with no image (sample 6)."""
+    from tests.pipeline.conftest import write_tar
+
+    rng = np.random.default_rng(1)
+    out = []
+    for s in range(n_shards):
+        samples = []
+        for i in range(per_shard):
+            sample = {"__key__": f"s{s}_{i:03d}", "txt": f"class {i % 4}", "json": {"label": i % 4}}
+            if not (bad and s == 1 and i == 6):
+                sample["jpg"] = jpeg_bytes(class_image(i % 4, rng))
+            if bad and s == 1 and i == 3:
+                sample["jpg"] = sample["jpg"][:40]
+            samples.append(sample)
+        out.append(write_tar(root / f"img-{s:03d}.tar", samples))
+    return out
