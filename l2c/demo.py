@@ -79,7 +79,9 @@ def cli(argv: list[str]) -> None:
     from l2c.cli import main
 
     console.print(f"[dim]$ l2c {' '.join(argv)}", soft_wrap=True)
-    main(argv)
+    rc = main(argv)
+    if rc:
+        raise StageError(f"`l2c {argv[0]}` exited with status {rc} (its message is above)")
 
 
 def shards(s: DemoSettings, split: str) -> list[str]:
@@ -179,15 +181,16 @@ STAGES = (
 # ------------------------------------------------------------------------------------------ driver
 
 
-def run_demo(s: DemoSettings) -> dict:
-    """Run (or resume) every stage; returns the content of `OUT/eval.json`."""
+def run_stages(stages: tuple, s) -> tuple[dict[str, dict], float]:
+    """Run (or skip, when complete) each `(name, command, done, run, needs)` stage; a failed stage blocks
+    the stages that need it. Returns ({name: status}, seconds)."""
     s.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     available = registered_commands()
     status: dict[str, dict] = {}
     t_start = time.perf_counter()
-    for i, (name, command, done, run, needs) in enumerate(STAGES, 1):
-        console.rule(f"[bold][{i}/{len(STAGES)}] {command}")
+    for i, (name, command, done, run, needs) in enumerate(stages, 1):
+        console.rule(f"[bold][{i}/{len(stages)}] {command}")
         t0 = time.perf_counter()
         blocked = [n for n in needs if status[n]["status"] not in ("done", "skipped")]
         if blocked:
@@ -208,8 +211,13 @@ def run_demo(s: DemoSettings) -> dict:
                         "seconds": round(time.perf_counter() - t0, 1)}
         style = {"done": "green", "skipped": "cyan"}.get(state, "red")
         console.print(f"[{style}]{command}: {state}" + (f" — {detail}" if detail else ""), soft_wrap=True)
+    return status, time.perf_counter() - t_start
 
-    result = summarize(s, status, time.perf_counter() - t_start)
+
+def run_demo(s: DemoSettings) -> dict:
+    """Run (or resume) every stage; returns the content of `OUT/eval.json`."""
+    status, seconds = run_stages(STAGES, s)
+    result = summarize(s, status, seconds)
     atomic.write_json(s.out / "eval.json", result)
     write_report(s, result)
     print_results(result)
@@ -237,8 +245,8 @@ def _plots(s: DemoSettings) -> list[Path]:
     return sorted(s.out.rglob("*.png"))
 
 
-def write_report(s: DemoSettings, result: dict) -> None:
-    lines = ["# l2c demo report", "", f"Output: `{s.out}`, total {result['seconds']} s.", "",
+def write_report(s: DemoSettings, result: dict, title: str = "l2c demo report") -> None:
+    lines = [f"# {title}", "", f"Output: `{s.out}`, total {result['seconds']} s.", "",
              "| stage | status | seconds | detail |", "|---|---|---|---|"]
     lines += [f"| {v['command']} | {v['status']} | {v['seconds']} | {v['detail']} |" for v in result["stages"].values()]
     lines += ["", "Figures: `eval.json` (this directory), per stage `eval/*/eval.json`, `run/summary.json`.", ""]
@@ -257,8 +265,8 @@ def _numbers(d, prefix: str = "") -> list[tuple[str, float]]:
     return out
 
 
-def print_results(result: dict) -> None:
-    table = Table(title="l2c demo")
+def print_results(result: dict, title: str = "l2c demo", per_field: bool = True) -> None:
+    table = Table(title=title)
     for col in ("stage", "status", "seconds"):
         table.add_column(col)
     for v in result["stages"].values():
@@ -268,20 +276,21 @@ def print_results(result: dict) -> None:
     figures = Table(title="held-out results (%)")
     figures.add_column("metric")
     figures.add_column("value", justify="right")
-    for section in ("retrieval", "zeroshot"):
-        for key, value in headline(result.get(section) or {}):
+    for section in ("retrieval", "zeroshot", "control"):
+        for key, value in headline(result.get(section) or {}, per_field):
             figures.add_row(f"{section}: {key}", f"{value:.2f}")
     for key, value in result["chance"].items():
         if value is not None:
-            figures.add_row(f"chance: {key}", f"{value:.2f}")
+            figures.add_row(f"chance: {key}", f"{value:.4g}")
     console.print(figures)
 
 
-def headline(section: dict) -> list[tuple[str, float]]:
-    """The figures worth a row: recall@K and accuracies, as percentages."""
+def headline(section: dict, per_field: bool = True) -> list[tuple[str, float]]:
+    """The figures worth a row: recall@K (per caption field too, if `per_field`) and accuracies, as percentages."""
     rows = []
-    for k, v in _numbers({key: section[key] for key in ("image_to_text", "text_to_image", "per_field", "top1", "top5")
-                          if key in section}):
+    keys = ("image_to_text", "text_to_image", "per_field", "top1", "top5") if per_field else (
+        "image_to_text", "text_to_image", "top1", "top5")
+    for k, v in _numbers({key: section[key] for key in keys if key in section}):
         if k.split(".")[-1] in ("R@1", "R@5", "R@10", "top1", "top5"):
             rows.append((k, v))
     return rows

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import yaml
@@ -13,10 +12,9 @@ import yaml
 from l2c.cli import main
 from l2c.eval.suite import load_suite, read_classnames
 from l2c.eval.zeroshot import load_templates
+from tests.eval.suite_fixtures import write_docci, write_imagenet, write_urban1k
 from tests.eval.test_zeroshot import minilm_model  # noqa: F401  (fixture: tiny export on the packaged MiniLM)
-from tests.l2c.data.test_importers import coco, coco_karpathy, flickr, link  # noqa: F401  (fixtures, writers)
-
-WNIDS = ["n01440764", "n01443537", "n01484850"]  # tench, goldfish, great white shark
+from tests.l2c.data.test_importers import coco, coco_karpathy, flickr  # noqa: F401  (fixtures, writers)
 
 
 def test_shipped_suite_config_and_data_files():
@@ -30,37 +28,6 @@ def test_shipped_suite_config_and_data_files():
     assert names[-1] == "toilet paper"
     templates = load_templates(base / cfg.zeroshot.templates)
     assert len(templates) == 80 and templates[0] == "a bad photo of a {}."
-
-
-def write_urban1k(photos, root: Path, n: int = 5) -> None:
-    """Urban1k/image/N.jpg + Urban1k/caption/N.txt (the caption is the first line)."""
-    d, recs = photos
-    (root / "caption").mkdir(parents=True)
-    for i in range(1, n + 1):
-        link(d / recs[i]["file_name"], root / "image" / f"{i}.jpg")
-        (root / "caption" / f"{i}.txt").write_text(" ".join(recs[i]["captions"]) + "\n")
-
-
-def write_docci(photos, root: Path) -> None:
-    """docci/docci_descriptions.jsonlines (example_id, split, image_file, description) + docci/images/."""
-    d, recs = photos
-    lines = []
-    for i, r in enumerate(recs[10:16]):
-        split = "test" if i < 4 else "train"
-        ex = f"{split}_{i:05d}"
-        link(d / r["file_name"], root / "images" / f"{ex}.jpg")
-        lines.append(json.dumps({"example_id": ex, "split": split, "image_file": f"{ex}.jpg",
-                                 "description": " ".join(r["captions"])}))
-    (root / "docci_descriptions.jsonlines").write_text("\n".join(lines) + "\n")
-
-
-def write_imagenet(photos, root: Path) -> None:
-    """imagenet/val/<wnid>/ILSVRC2012_val_NNNNNNNN.JPEG, two images per class."""
-    d, recs = photos
-    for c, wnid in enumerate(WNIDS):
-        for j in range(2):
-            n = 2 * c + j
-            link(d / recs[20 + n]["file_name"], root / "val" / wnid / f"ILSVRC2012_val_{n + 1:08d}.JPEG")
 
 
 @pytest.fixture(scope="module")

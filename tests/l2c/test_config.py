@@ -57,6 +57,7 @@ def test_every_shipped_yaml_is_claimed_by_a_loader_and_valid():
 
     loaders = {
         "demo.yaml": lambda p: load_config(TrainConfig, p),
+        "flickr8k_cpu.yaml": lambda p: load_config(TrainConfig, p),
         "llm2clip_*.yaml": lambda p: load_config(TrainConfig, p),
         "finetune_*.yaml": lambda p: load_config(FinetuneTextConfig, p),
         "scaling.yaml": lambda p: load_config(ScalingConfig, p),

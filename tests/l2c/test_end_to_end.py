@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,49 @@ def test_demo_driver_small(tmp_path):
     again = json.loads((out / "eval.json").read_text())
     assert {v["status"] for v in again["stages"].values()} == {"skipped"}
     assert again["retrieval"] == result["retrieval"]
+
+
+def _photo_subset(shared: Path, dest: Path, n: dict[str, int]) -> Path:
+    """The first photos of each Flickr8k split, in the shared layout (`captions.jsonl` + JPEGs)."""
+    for split, count in n.items():
+        src, out = shared / f"flickr8k_{split}_photos", dest / f"flickr8k_{split}_photos"
+        out.mkdir(parents=True)
+        lines = (src / "captions.jsonl").read_text().splitlines()[:count]
+        for line in lines:
+            name = json.loads(line)["file_name"]
+            (out / name).symlink_to(src / name)
+        (out / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return dest
+
+
+@pytest.mark.slow
+def test_photo_demo_driver_small(shared_data, tmp_path):
+    """`make demo-photos` on 96 train and 32 dev photos: every stage, all five captions per dev photo, the
+    shuffled-pairs control, the same eval.json schema as `make demo`; a rerun skips every stage."""
+    from l2c.demo_photos import main as demo_photos
+
+    data = _photo_subset(shared_data, tmp_path / "photos", {"train": 96, "dev": 32})
+    out = tmp_path / "demo-photos"
+    args = ["--out", str(out), "--data", str(data), "--no-progress", "--control-steps", "3", "steps=6",
+            "batch_size=16", "optim.warmup_steps=1", "checkpoint_every=3", "data.workers=0"]
+    assert demo_photos(args) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["ok"] and {v["status"] for v in result["stages"].values()} == {"done"}
+    assert {"ok", "settings", "stages", "seconds", "train", "retrieval", "zeroshot", "chance"} <= set(result)
+    assert result["retrieval"]["n_images"] == 32 and result["retrieval"]["n_texts"] == 5 * 32
+    assert result["control"]["n_texts"] == 5 * 32 and result["train"]["step"] == 6
+    assert json.loads((out / "control" / "summary.json").read_text())["step"] == 3
+    assert result["chance"] == {"image_to_text_R@1": 3.125, "text_to_image_R@1": 3.125}
+    assert demo_photos(args) == 0
+    again = json.loads((out / "eval.json").read_text())
+    assert {v["status"] for v in again["stages"].values()} == {"skipped"}
+    assert again["retrieval"] == result["retrieval"]
+
+
+def test_photo_demo_without_photos_says_where(tmp_path, capsys):
+    from l2c.demo_photos import main as demo_photos
+
+    assert demo_photos(["--out", str(tmp_path / "o"), "--data", str(tmp_path / "none"), "--no-progress"]) == 1
+    result = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert result["stages"]["shards"]["status"] == "failed" and "--data" in result["stages"]["shards"]["detail"]
+    assert {result["stages"][k]["status"] for k in ("embed", "train", "retrieval")} == {"blocked"}

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from l2c.trainer.vision.config import OptimConfig
-from l2c.trainer.vision.tower import block_index_of
+from l2c.trainer.vision.tower import block_index_of, transformer_blocks
 
 
 def no_decay(name: str, p: torch.Tensor) -> bool:
@@ -17,7 +17,7 @@ def no_decay(name: str, p: torch.Tensor) -> bool:
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Groups keyed by (lr scale, decay). Vision params at depth d of n blocks get layer_decay**(n+1-d)."""
     depth = block_index_of(model.tower)
-    n = max(depth.values(), default=1) - 1
+    n = len(transformer_blocks(model.tower))  # a tower may have no parameters after its blocks (ResNet)
     groups: dict[tuple[float, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -110,10 +110,10 @@ def pooled_output(tower: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def transformer_blocks(tower: nn.Module) -> nn.ModuleList:
-    """The tower's list of transformer blocks (the longest ModuleList named `layer`/`layers`)."""
+    """The tower's list of blocks (the longest ModuleList named `layer`, `layers`, `blocks` or `stages`)."""
     best = None
     for name, mod in tower.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] in ("layer", "layers", "blocks"):
+        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] in ("layer", "layers", "blocks", "stages"):
             if best is None or len(mod) > len(best):
                 best = mod
     if best is None:

@@ -20,9 +20,8 @@ def _resize(img: Image.Image, resize) -> Image.Image:
     if isinstance(resize, (list, tuple)):
         h, w = resize
         return img.resize((w, h), RESAMPLE)
-    w, h = img.size
-    s = resize / min(w, h)
-    size = (max(resize, round(w * s)), max(resize, round(h * s)))
+    w, h = img.size  # the long side truncated, as transformers' CLIP processor and torchvision's Resize do
+    size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
     return img if size == img.size else img.resize(size, RESAMPLE)
 
 
@@ -50,8 +49,13 @@ def eval_transform(img: Image.Image, spec: ImageSpec) -> torch.Tensor:
     return to_tensor(img, spec.image_mean, spec.image_std)
 
 
-def train_transform(img: Image.Image, spec: ImageSpec, rng: random.Random, scale=(0.9, 1.0)) -> torch.Tensor:
-    """RandomResizedCrop (area `scale`, ratio 3/4..4/3) to the model's input size, then normalise."""
+def train_transform(
+    img: Image.Image, spec: ImageSpec, rng: random.Random, scale=(0.9, 1.0), hflip: bool = False
+) -> torch.Tensor:
+    """RandomResizedCrop (area `scale`, ratio 3/4..4/3) to the model's input size, a horizontal flip with
+    probability 1/2 if `hflip`, then normalise."""
+    if hflip and rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if scale[0] >= 1.0:
         return eval_transform(img, spec)
     size = spec.image_size

@@ -16,6 +16,7 @@ from l2c.cli import main
 from l2c.data import importers
 from l2c.data.make_shards import MakeShardsConfig, MakeShardsError, make_shards
 from l2c.data.writer import list_shards
+from tests.eval.suite_fixtures import link
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +31,6 @@ def flickr(shared_data) -> tuple[Path, list[dict]]:
     d = shared_data / "flickr8k_dev_photos"
     recs = [json.loads(x) for x in (d / "captions.jsonl").read_text().splitlines() if x.strip()]
     return d, recs
-
-
-def link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.symlink_to(src)
 
 
 def samples(out: Path) -> dict[str, dict]:
