@@ -19,11 +19,19 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from l2c.cache import IMAGE_FORMAT_NAME, JOURNAL_DIR, REJECTED_DIR, CacheError, ShardEntry, open_cache_store
+from l2c.cache import IMAGE_FORMAT_NAME, REJECTED_DIR, CacheError, ShardEntry
 from l2c.config import ConfigError
 from l2c.errors import L2CError
-from l2c.lock import OutputLock
-from l2c.pipeline.embed_job import _lists, _reason_counts, _row, _size, assemble_rejects, open_manifest
+from l2c.pipeline.embed_job import (
+    _lists,
+    _reason_counts,
+    _row,
+    _size,
+    assemble_rejects,
+    open_manifest,
+    open_output,
+    shards_to_do,
+)
 from l2c.storage import Store
 
 # Settings that must match for a rerun to add to an existing image cache.
@@ -275,12 +283,7 @@ def run_embed_images(cfg: ImageEmbedConfig) -> dict:
         raise ConfigError("embed-images needs --out")
     sources = expand_shards(cfg.sources, what="image shard")
     names = shard_names(sources)
-    out = open_cache_store(cfg.out)
-    out.makedirs()
-    lock = OutputLock.acquire(out, "embed-images")  # a second job into the same --out is refused here
-    out.remove_stale_tmp()
-    out.remove_stale_tmp(REJECTED_DIR)
-    out.remove_stale_tmp(JOURNAL_DIR)
+    out, lock = open_output(cfg.out, "embed-images")
 
     started = init_ray(cfg.ray_address)
     t0 = time.time()
@@ -290,9 +293,7 @@ def run_embed_images(cfg: ImageEmbedConfig) -> dict:
         settings = resolve_settings(cfg, gpus > 0 and cfg.gpus_per_actor != 0)
         manifest = open_manifest(out, settings, cfg.overwrite, IDENTITY_KEYS, IMAGE_FORMAT_NAME)
         manifest.save(out)
-        done = {e.source for e in manifest.shards.values() if not e.partial}  # partial shards are retried
-        have = set(out.list("", ".parquet"))
-        todo = [s for s in sources if s not in done or f"{names[s]}.parquet" not in have]
+        todo = shards_to_do(manifest, out, sources, names)
         results = _run_pipeline(cfg, todo, names, settings, gpus, cpus, manifest, out) if todo else []
         n_rejects = assemble_rejects(out, [names[s] for s in sources])
     finally:

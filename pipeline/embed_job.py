@@ -367,6 +367,24 @@ def assemble_rejects(out: Store, shards: list[str]) -> int:
     return len(lines)
 
 
+def open_output(url: str, command: str):
+    """(store, lock): the cache directory made and locked for `command` (a second job into it is refused),
+    the temp files a killed run left removed."""
+    out = open_cache_store(url)
+    out.makedirs()
+    lock = OutputLock.acquire(out, command)
+    for sub in ("", REJECTED_DIR, JOURNAL_DIR):
+        out.remove_stale_tmp(sub)
+    return out, lock
+
+
+def shards_to_do(manifest, out, sources: list[str], names: dict[str, str]) -> list[str]:
+    """The sources without a complete shard: not in the manifest, partial (retried), or its file missing."""
+    done = {e.source for e in manifest.shards.values() if not e.partial}
+    have = set(out.list("", ".parquet"))
+    return [s for s in sources if s not in done or f"{names[s]}.parquet" not in have]
+
+
 def run_embed(cfg: EmbedConfig) -> dict:
     """Embed every (key, field) caption of the sources into the cache at `cfg.out`; returns a summary."""
     import ray
@@ -389,12 +407,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
     if not sources:
         raise L2CError(f"no sources: {' '.join(cfg.sources) or 'none given'} matched no file")
     names = shard_names(sources)
-    out = open_cache_store(cfg.out)
-    out.makedirs()
-    lock = OutputLock.acquire(out, "embed-captions")  # a second job into the same --out is refused here
-    out.remove_stale_tmp()
-    out.remove_stale_tmp(REJECTED_DIR)
-    out.remove_stale_tmp(JOURNAL_DIR)
+    out, lock = open_output(cfg.out, "embed-captions")
 
     started = init_ray(cfg.ray_address)
     t0 = time.time()
@@ -404,9 +417,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
         settings, spec = resolve_settings(cfg, gpus > 0)
         manifest = open_manifest(out, settings, cfg.overwrite)
         manifest.save(out)
-        done = {e.source for e in manifest.shards.values() if not e.partial}  # partial shards are retried
-        have = set(out.list("", ".parquet"))
-        todo = [s for s in sources if s not in done or f"{names[s]}.parquet" not in have]
+        todo = shards_to_do(manifest, out, sources, names)
         skipped = len(sources) - len(todo)
         results = Tally()
         if todo:
