@@ -132,19 +132,26 @@ def train_done(s: DemoSettings) -> bool:
     return bool(summary and summary.get("finished") and (s.run / "export").exists())
 
 
-def run_train(s: DemoSettings) -> None:
-    images = [a for p in shards(s, "train") for a in ("--images", p)]
-    resume = ["--resume"] if (s.run / "config.yaml").exists() else []
-    cap = ["--max-minutes", str(s.max_minutes)] if s.max_minutes else []
-    cli(["train-vision", *images, "--text-cache", str(s.cache("train")), "--out", str(s.run),
-         "--config", s.config, *resume, *cap, *([] if s.progress else ["--no-progress"]), *s.train_overrides])
-    summary = train_summary(s)
+def train_vision(out: Path, images: list[str], cache: Path, config: str, max_minutes: float | None,
+                 progress: bool, overrides: list[str]) -> None:
+    """`l2c train-vision` into `out`, resuming a run already there; one stopped early is a StageError."""
+    resume = ["--resume"] if (out / "config.yaml").exists() else []
+    cap = ["--max-minutes", str(max_minutes)] if max_minutes else []
+    cli(["train-vision", *[a for p in images for a in ("--images", p)], "--text-cache", str(cache), "--out", str(out),
+         "--config", config, *resume, *cap, *([] if progress else ["--no-progress"]), *overrides])
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
     if summary and not summary.get("finished"):
         raise StageError(f"training stopped at step {summary.get('step')} of {summary.get('steps')} "
                          f"({summary.get('stopped_by')}); run the demo again to resume it")
 
 
-def eval_json(s: DemoSettings, kind: str) -> dict | None:
+def run_train(s: DemoSettings) -> None:
+    train_vision(s.run, shards(s, "train"), s.cache("train"), s.config, s.max_minutes, s.progress,
+                 s.train_overrides)
+
+
+def eval_json(s, kind: str) -> dict | None:
+    """`eval.json` of an eval stage (`s.eval_dir(kind)`: either demo's settings), or None."""
     p = s.eval_dir(kind) / "eval.json"
     return json.loads(p.read_text()) if p.exists() else None
 

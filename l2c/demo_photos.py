@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from l2c import atomic
-from l2c.demo import StageError, cli, console, print_results, run_stages, write_report
+from l2c.demo import cli, console, eval_json, print_results, run_stages, train_vision, write_report
 from l2c.errors import L2CError
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -114,24 +114,11 @@ def train_done(s: PhotoDemoSettings, kind: str) -> bool:
 
 
 def run_train(s: PhotoDemoSettings, kind: str) -> None:
-    out = s.run_dir(kind)
-    images = [a for p in shards(s, "train") for a in ("--images", p)]
-    resume = ["--resume"] if (out / "config.yaml").exists() else []
-    cap = ["--max-minutes", str(s.max_minutes)] if s.max_minutes else []
     extra = []
     if kind == "control":
         extra = ["data.shuffle_pairs=true"] + ([f"steps={s.control_steps}"] if s.control_steps else [])
-    cli(["train-vision", *images, "--text-cache", str(s.cache("train")), "--out", str(out), "--config", s.config,
-         *resume, *cap, *_progress(s), *s.train_overrides, *extra])
-    done = summary(s, kind)
-    if done and not done.get("finished"):
-        raise StageError(f"training stopped at step {done.get('step')} of {done.get('steps')} "
-                         f"({done.get('stopped_by')}); run the demo again to resume it")
-
-
-def eval_json(s: PhotoDemoSettings, kind: str) -> dict | None:
-    p = s.eval_dir(kind) / "eval.json"
-    return json.loads(p.read_text()) if p.exists() else None
+    train_vision(s.run_dir(kind), shards(s, "train"), s.cache("train"), s.config, s.max_minutes, s.progress,
+                 [*s.train_overrides, *extra])
 
 
 def eval_fresh(s: PhotoDemoSettings, kind: str, model: str) -> bool:

@@ -130,6 +130,7 @@ class Pairing:
         if self._loaded is None:
             d = Path(self.index_dir)
             meta = json.loads((d / "index.json").read_text())
+            meta["wanted"] = [any(covers(s, f) for s in self.fields) for f in meta["fields"]]  # once, not per key
             self._loaded = (
                 meta,
                 np.load(d / "keys.npy", mmap_mode="r"),
@@ -148,8 +149,8 @@ class Pairing:
             i = int(self._derangement()[i])
         return {
             f: np.asarray(vecs[r], dtype=np.float32)
-            for f, r in zip(meta["fields"], rows[i], strict=True)
-            if r >= 0 and any(covers(s, f) for s in self.fields)
+            for f, r, want in zip(meta["fields"], rows[i], meta["wanted"], strict=True)
+            if r >= 0 and want
         }
 
     def _derangement(self) -> np.ndarray:
