@@ -15,6 +15,8 @@ console = Console()
 
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")  # `key=value` among the sources is a config override
 FLAG_FIELDS = {"text_field": "text_fields"}  # flag name -> EmbedConfig field, where they differ
+RUNNER_HELP = ("auto|local|ray: local runs the stages in this process (auto does when the job is one encoder on "
+               "this machine's CPUs and no Ray is addressed or running), ray as a Ray Data job")  # fmt: skip
 
 
 def embed_captions(
@@ -43,6 +45,7 @@ def embed_captions(
     actor_resources: Annotated[str | None, typer.Option(help='custom Ray resources per encoder actor, JSON: \'{"encode": 1}\'')] = None,
     read_actors: Annotated[int | None, typer.Option(help="read/tokenize actors (default 4 on GPU; on CPU with one encoder actor, none: it reads and writes its shards itself)")] = None,
     ray_address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="join a Ray cluster (default: local Ray)")] = None,
+    runner: Annotated[str, typer.Option(help=RUNNER_HELP)] = "auto",
     overwrite: Annotated[bool, typer.Option(help="discard a cache made with other settings")] = False,
     strict: Annotated[bool, typer.Option(help="any rejected caption is an error")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -94,8 +97,12 @@ def print_embed_summary(s: dict) -> None:
     t.add_row("truncated", f"{s['truncated']:,}")
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["rejected_by_reason_this_run"].items())) or "none"
     t.add_row("rejected (see rejected.jsonl)", f"{s['rejected']:,}  ({reasons})")
-    t.add_row("time", f"{s['seconds']:.1f} s")
+    t.add_row("time", f"{s['seconds']:.1f} s  ({_runner_text(s)})")
     console.print(t)
+
+
+def _runner_text(s: dict) -> str:
+    return "in this process" if s.get("runner") == "local" else "Ray Data job"
 
 
 def cache_info(
@@ -155,6 +162,7 @@ def embed_images(
     cpus_per_actor: Annotated[float | None, typer.Option(help="CPUs reserved per encoder actor")] = None,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per encoder actor (0 forces CPU)")] = None,
     ray_address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="join a Ray cluster (default: local Ray)")] = None,
+    runner: Annotated[str, typer.Option(help=RUNNER_HELP)] = "auto",
     overwrite: Annotated[bool, typer.Option(help="discard a cache made with other settings")] = False,
     strict: Annotated[bool, typer.Option(help="any rejected image is an error")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -165,7 +173,7 @@ def embed_images(
     cfg = ImageEmbedConfig(
         sources=list(sources), out=out, model=model, patch_mean=patch_mean, dtype=dtype, store_dtype=store_dtype,
         batch_size=batch_size, decode_threads=decode_threads, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
-        gpus_per_actor=gpus_per_actor, ray_address=ray_address, overwrite=overwrite, strict=strict, progress=progress,
+        gpus_per_actor=gpus_per_actor, ray_address=ray_address, runner=runner, overwrite=overwrite, strict=strict, progress=progress,
     )  # fmt: skip
     s = run_embed_images(cfg)
     t = Table(title=f"embed-images → {s['out']}", show_header=False)
@@ -178,7 +186,7 @@ def embed_images(
     t.add_row("throughput", f"{s['images_per_s']:,.1f} images/s")
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["rejected_by_reason_this_run"].items())) or "none"
     t.add_row("rejected (see rejected.jsonl)", f"{s['rejected']:,}  ({reasons})")
-    t.add_row("time", f"{s['seconds']:.1f} s")
+    t.add_row("time", f"{s['seconds']:.1f} s  ({_runner_text(s)})")
     console.print(t)
     return s
 

@@ -32,6 +32,7 @@ from l2c.pipeline.embed_job import (
     open_output,
     shards_to_do,
 )
+from l2c.pipeline.runner import Runner, Stage, check_runner
 from l2c.storage import Store
 
 # Settings that must match for a rerun to add to an existing image cache.
@@ -64,6 +65,7 @@ class ImageEmbedConfig:
     cpus_per_actor: float | None = None
     gpus_per_actor: float | None = None
     ray_address: str | None = None
+    runner: str = "auto"  # auto | local | ray (see pipeline/runner.py)
     overwrite: bool = False
     strict: bool = False
     progress: bool = True
@@ -82,6 +84,7 @@ class ImageEmbedConfig:
             raise ConfigError("--batch-size and --decode-threads must be positive")
         if self.num_actors is not None and self.num_actors < 1:
             raise ConfigError("--num-actors must be positive")
+        check_runner(self.runner, num_actors=(self.num_actors or 1) > 1, ray_address=bool(self.ray_address))
 
 
 def load_tower(path: str):
@@ -272,11 +275,8 @@ def resolve_settings(cfg: ImageEmbedConfig, gpus_available: bool) -> dict:
 
 def run_embed_images(cfg: ImageEmbedConfig) -> dict:
     """Embed every image of the tars into the image cache at `cfg.out`; returns a summary."""
-    import ray
-
     from l2c.data.shards import expand_shards
     from l2c.pipeline.sources import shard_names
-    from l2c.ray_utils import init_ray
 
     cfg.validate()
     if not cfg.out:
@@ -285,58 +285,55 @@ def run_embed_images(cfg: ImageEmbedConfig) -> dict:
     names = shard_names(sources)
     out, lock = open_output(cfg.out, "embed-images")
 
-    started = init_ray(cfg.ray_address)
+    runner = None
     t0 = time.time()
     try:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        cpus = ray.cluster_resources().get("CPU", 1)
-        settings = resolve_settings(cfg, gpus > 0 and cfg.gpus_per_actor != 0)
+        runner = Runner.start(cfg.runner, cfg.ray_address, lambda gpus, cpus: not layout(cfg, gpus, cpus)["on_gpu"]
+                              and layout(cfg, gpus, cpus)["n_actors"] == 1)  # fmt: skip
+        settings = resolve_settings(cfg, layout(cfg, runner.gpus, runner.cpus)["on_gpu"])
         manifest = open_manifest(out, settings, cfg.overwrite, IDENTITY_KEYS, IMAGE_FORMAT_NAME)
         manifest.save(out)
         todo = shards_to_do(manifest, out, sources, names)
-        results = _run_pipeline(cfg, todo, names, settings, gpus, cpus, manifest, out) if todo else []
+        results = _run_pipeline(cfg, todo, names, settings, runner, manifest, out) if todo else []
         n_rejects = assemble_rejects(out, [names[s] for s in sources])
     finally:
         lock.release()
-        if started:
-            ray.shutdown()
-    return _summary(
-        cfg, sources, names, manifest, results, len(sources) - len(todo), n_rejects, time.time() - t0
-    )
+        if runner is not None:
+            runner.stop()
+    summary = _summary(cfg, sources, names, manifest, results, len(sources) - len(todo), n_rejects, time.time() - t0)
+    return {**summary, "runner": runner.name}
 
 
-def _run_pipeline(cfg, todo, names, settings, gpus, cpus, manifest, out) -> list[dict]:
-    import ray
-
-    from l2c.progress import ProgressBar
-
+def layout(cfg: ImageEmbedConfig, gpus: float, cpus: float, local: bool = False) -> dict:
+    """How the job spreads over `gpus`/`cpus`: encoder actors, their CPUs/GPUs and torch threads."""
     on_gpu = gpus > 0 and cfg.gpus_per_actor != 0
     gpus_per = cfg.gpus_per_actor or (1 if on_gpu else 0)
-    n_actors = cfg.num_actors or (max(1, int(gpus // gpus_per)) if on_gpu else 1)
+    n_actors = 1 if local else cfg.num_actors or (max(1, int(gpus // gpus_per)) if on_gpu else 1)
     cpus_per = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else (2 if on_gpu else max(1.0, cpus - 1))
-    threads = (
-        None if on_gpu else max(1, int(cfg.cpus_per_actor or cpus / n_actors))
-    )  # torch threads = CPUs held
-    spec = {**settings, "on_gpu": on_gpu, "batch_size": cfg.batch_size,
-            "decode_threads": cfg.decode_threads or (8 if on_gpu else 2)}  # fmt: skip
+    threads = None if on_gpu else max(1, int(cfg.cpus_per_actor or cpus / n_actors))  # torch threads = CPUs held
+    return {"on_gpu": on_gpu, "gpus_per": gpus_per, "n_actors": n_actors, "cpus_per": cpus_per, "threads": threads}
 
-    ds = ray.data.from_items([{"shard": names[s], "source": s} for s in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(
-        EncodeImages, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
-        num_cpus=min(cpus_per, max(cpus - 0.25, 0.5)), num_gpus=gpus_per if on_gpu else 0, fn_constructor_args=(spec, threads),
-    )  # fmt: skip
-    ds = ds.map_batches(
-        write_image_shard, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-        fn_kwargs={"out_dir": out.url, "store_dtype": settings["store_dtype"], "dim": settings["dim"],
-                   "patch_mean": settings["patch_mean"], "strict": cfg.strict},
-    )  # fmt: skip
+
+def _run_pipeline(cfg, todo, names, settings, runner: Runner, manifest, out) -> list[dict]:
+    from l2c.progress import ProgressBar
+
+    lay = layout(cfg, runner.gpus, runner.cpus, runner.local)
+    spec = {**settings, "on_gpu": lay["on_gpu"], "batch_size": cfg.batch_size,
+            "decode_threads": cfg.decode_threads or (8 if lay["on_gpu"] else 2)}  # fmt: skip
+    stages = [
+        Stage(EncodeImages, (spec, lay["threads"]), actors=lay["n_actors"],
+              num_cpus=min(lay["cpus_per"], max(runner.cpus - 0.25, 0.5)), num_gpus=lay["gpus_per"] if lay["on_gpu"] else 0),
+        Stage(write_image_shard, num_cpus=0.25,
+              kwargs={"out_dir": out.url, "store_dtype": settings["store_dtype"], "dim": settings["dim"],
+                      "patch_mean": settings["patch_mean"], "strict": cfg.strict}),
+    ]  # fmt: skip
 
     sizes = {names[s]: _size(s) for s in todo}
     results, strict_fail = [], None
     with ProgressBar(as_bytes=True, rate=False, enabled=cfg.progress,
                      fields="{shards}/{n_shards} shards  {images_per_s:,.1f} images/s") as bar:  # fmt: skip
         bar.add("embed-images", total=sum(sizes.values()), shards=0, n_shards=len(todo), images_per_s=0)
-        for row in ds.iter_rows():
+        for row in runner.run([{"shard": names[s], "source": s} for s in todo], stages):
             res = json.loads(row["result"])
             res["shard"] = row["shard"]
             results.append(res)

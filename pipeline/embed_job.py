@@ -30,6 +30,7 @@ from l2c.cache import (
 from l2c.config import ConfigError
 from l2c.errors import L2CError
 from l2c.lock import OutputLock
+from l2c.pipeline.runner import Runner, Stage, check_runner
 from l2c.ray_utils import valid_resources
 from l2c.storage import Store
 
@@ -67,6 +68,7 @@ class EmbedConfig:
     actor_resources: dict[str, float] | None = None  # custom Ray resources per encoder actor, e.g. {"encode": 1}
     read_actors: int | None = None  # read/tokenize actors (default: 4 on GPU; none on CPU with one encoder)
     ray_address: str | None = None
+    runner: str = "auto"  # auto | local | ray (see pipeline/runner.py)
     overwrite: bool = False
     strict: bool = False
     progress: bool = True
@@ -95,6 +97,8 @@ class EmbedConfig:
             raise ConfigError("--num-actors and --read-actors must be positive")
         if not valid_resources(self.actor_resources):
             raise ConfigError(f"--actor-resources must map resource names to numbers >= 0, got {self.actor_resources}")
+        check_runner(self.runner, num_actors=(self.num_actors or 1) > 1, read_actors=self.read_actors is not None,
+                     actor_resources=bool(self.actor_resources), ray_address=bool(self.ray_address))  # fmt: skip
 
 
 # Between the stages a shard travels as one row of an Arrow table with typed columns (token ids and vectors as
@@ -387,10 +391,7 @@ def shards_to_do(manifest, out, sources: list[str], names: dict[str, str]) -> li
 
 def run_embed(cfg: EmbedConfig) -> dict:
     """Embed every (key, field) caption of the sources into the cache at `cfg.out`; returns a summary."""
-    import ray
-
     from l2c.pipeline.sources import expand_sources, shard_names
-    from l2c.ray_utils import init_ray
 
     cfg.validate()
     if not cfg.out:
@@ -409,65 +410,63 @@ def run_embed(cfg: EmbedConfig) -> dict:
     names = shard_names(sources)
     out, lock = open_output(cfg.out, "embed-captions")
 
-    started = init_ray(cfg.ray_address)
+    runner = None
     t0 = time.time()
     try:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        cpus = ray.cluster_resources().get("CPU", 1)
-        settings, spec = resolve_settings(cfg, gpus > 0)
+        runner = Runner.start(cfg.runner, cfg.ray_address,
+                              lambda gpus, cpus: layout(cfg, gpus, cpus)["fused"] and not cfg.actor_resources)
+        settings, spec = resolve_settings(cfg, layout(cfg, runner.gpus, runner.cpus, runner.local)["on_gpu"])
         manifest = open_manifest(out, settings, cfg.overwrite)
         manifest.save(out)
         todo = shards_to_do(manifest, out, sources, names)
         skipped = len(sources) - len(todo)
         results = Tally()
         if todo:
-            results = _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out)
+            results = _run_pipeline(cfg, todo, names, spec, settings, runner, manifest, out)
         n_rejects = assemble_rejects(out, [names[s] for s in sources])
     finally:
         lock.release()
-        if started:
-            ray.shutdown()
-    return _summary(cfg, sources, names, manifest, results, skipped, n_rejects, time.time() - t0)
+        if runner is not None:
+            runner.stop()
+    return {**_summary(cfg, sources, names, manifest, results, skipped, n_rejects, time.time() - t0),
+            "runner": runner.name}  # fmt: skip
 
 
-def _run_pipeline(cfg, todo, names, spec, settings, gpus, cpus, manifest, out) -> Tally:
-    import ray
-
-    from l2c.progress import ProgressBar
-
+def layout(cfg: EmbedConfig, gpus: float, cpus: float, local: bool = False) -> dict:
+    """How the job spreads over `gpus`/`cpus`: encoder actors, their CPUs/GPUs and torch threads, read actors,
+    and whether one encoder reads, tokenizes and writes its shards itself (`fused`; always so in this process)."""
     on_gpu = gpus > 0 and cfg.gpus_per_actor != 0
     gpus_per = cfg.gpus_per_actor or (1 if on_gpu else 0)
-    n_actors = cfg.num_actors or (max(1, int(gpus // gpus_per)) if on_gpu else 1)
+    n_actors = 1 if local else cfg.num_actors or (max(1, int(gpus // gpus_per)) if on_gpu else 1)
     cpus_per = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else (1 if on_gpu else max(1.0, cpus - 1))
     threads = None if on_gpu else max(1, int(cfg.cpus_per_actor or cpus / n_actors))  # torch threads = CPUs held
-    n_readers = cfg.read_actors or max(1, min(len(todo), 4 if on_gpu else 1, int(cpus // 2) or 1))
-    spec = {**spec, "max_batch_size": cfg.max_batch_size or (512 if on_gpu else 64)}
+    return {"on_gpu": on_gpu, "gpus_per": gpus_per, "n_actors": n_actors, "cpus_per": cpus_per, "threads": threads,
+            "n_readers": cfg.read_actors or max(1, min(4 if on_gpu else 1, int(cpus // 2) or 1)),
+            # one encoder on CPUs: it reads, tokenizes and writes itself (fewer processes on the same cores)
+            "fused": local or (not on_gpu and n_actors == 1 and cfg.read_actors is None)}  # fmt: skip
 
-    ds = ray.data.from_items(
-        [{"shard": names[s], "source": s} for s in todo], override_num_blocks=len(todo)
-    )
+
+def _run_pipeline(cfg, todo, names, spec, settings, runner: Runner, manifest, out) -> Tally:
+    from l2c.progress import ProgressBar
+
+    lay = layout(cfg, runner.gpus, runner.cpus, runner.local)
+    spec = {**spec, "max_batch_size": cfg.max_batch_size or (512 if lay["on_gpu"] else 64)}
     write = {"out_dir": out.url, "store_dtype": settings["store_dtype"], "dim": settings["dim"], "strict": cfg.strict}
-    # One encoder on CPUs: it reads, tokenizes and writes its shards itself (fewer processes on the same cores).
-    fused = not on_gpu and n_actors == 1 and cfg.read_actors is None
-    if not fused:
-        ds = ds.map_batches(
-            ReadTokenize, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_readers),
-            num_cpus=0.5, fn_constructor_args=(spec,),
-        )  # fmt: skip
-    ds = ds.map_batches(
-        EncodeShard, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=min(cpus_per, max(cpus - 1, 0.5)),
-        num_gpus=gpus_per if on_gpu else 0, fn_constructor_args=(spec, threads, write if fused else None),
-        **({"resources": dict(cfg.actor_resources)} if cfg.actor_resources else {}),
-    )  # fmt: skip
-    if not fused:
-        ds = ds.map_batches(write_shard, batch_size=1, batch_format="pyarrow", num_cpus=0.25, fn_kwargs=write)
+    encode = Stage(EncodeShard, (spec, lay["threads"], write if lay["fused"] else None), actors=lay["n_actors"],
+                   num_cpus=min(lay["cpus_per"], max(runner.cpus - 1, 0.5)),
+                   num_gpus=lay["gpus_per"] if lay["on_gpu"] else 0, resources=cfg.actor_resources)  # fmt: skip
+    stages = [encode]
+    if not lay["fused"]:
+        readers = min(len(todo), lay["n_readers"])
+        stages = [Stage(ReadTokenize, (spec,), actors=readers, num_cpus=0.5), encode,
+                  Stage(write_shard, kwargs=write, num_cpus=0.25)]  # fmt: skip
 
     sizes = {names[s]: _size(s) for s in todo}
     results, strict_fail = Tally(), None
     with ProgressBar(as_bytes=True, rate=False, enabled=cfg.progress,
                      fields="{shards}/{n_shards} shards  {captions_per_s:,.0f} captions/s {tokens_per_s:,.0f} tok/s") as bar:
         bar.add("embed", total=sum(sizes.values()), shards=0, n_shards=len(todo), captions_per_s=0, tokens_per_s=0)
-        for row in ds.iter_rows():
+        for row in runner.run([{"shard": names[s], "source": s} for s in todo], stages):
             res = json.loads(row["result"])
             res["shard"] = row["shard"]
             results.add(res)

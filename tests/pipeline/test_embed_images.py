@@ -127,6 +127,16 @@ def test_rerun_skips_done_shards_and_refuses_another_tower(ray_local, tower, tmp
     assert ImageCache(out).fingerprint != s["model_fingerprint"] and len(ImageCache(out)) == 8
 
 
+def test_local_and_ray_runners_write_the_same_features(ray_local, tower, tmp_path):
+    tars = image_tars(tmp_path / "src", n_shards=2, per_shard=8, bad=True)
+    assert embed(tars, tmp_path / "local", tower, "--runner", "local") == 0
+    assert embed(tars, tmp_path / "ray", tower, "--runner", "ray") == 0
+    a, b = ImageCache(tmp_path / "local"), ImageCache(tmp_path / "ray")
+    assert a.shard_names == b.shard_names and len(a) == len(b) > 0
+    assert a.manifest.to_dict()["shards"] == b.manifest.to_dict()["shards"]  # files, rows, rejects, sha256
+    assert a.rejected() == b.rejected()
+
+
 @pytest.mark.slow
 def test_kill_9_mid_job_then_rerun_equals_uninterrupted(ray_local, tower, tmp_path):
     tars = image_tars(tmp_path / "src", n_shards=6, per_shard=40, bad=False)

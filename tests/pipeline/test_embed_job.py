@@ -108,14 +108,15 @@ def test_cli_embed_and_cache_info_detects_tampering(ray_local, tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_kill_9_mid_job_then_rerun_equals_uninterrupted(ray_local, tmp_path, minilm_path):
+@pytest.mark.parametrize("runner", ["auto", "ray"])  # auto: in the CLI's own process here
+def test_kill_9_mid_job_then_rerun_equals_uninterrupted(ray_local, tmp_path, minilm_path, runner):
     shards = caption_shards(tmp_path / "src", n_shards=5, per_shard=150)
     ref = tmp_path / "ref"
     embed(shards, ref, model=str(minilm_path))
 
     out = tmp_path / "crashed"
     cmd = [*l2c_cli(), "embed-captions", *map(str, shards), "--out", str(out),
-           "--model", str(minilm_path), "-f", "txt", "-f", "json:long_caption", "--no-progress"]  # fmt: skip
+           "--model", str(minilm_path), "-f", "txt", "-f", "json:long_caption", "--no-progress", "--runner", runner]  # fmt: skip
     m = out / "manifest.json"
     n_done = kill_mid_job(cmd, {**os.environ, "RAY_ADDRESS": ""},
                           lambda: len(Manifest.load(out).shards) if m.exists() else 0, total=5)  # fmt: skip

@@ -1,0 +1,61 @@
+"""The runner: embed stages in this process or as a Ray Data job give the same cache; `auto` picks the process
+only for one encoder on this machine with no Ray addressed or running; Ray-only settings are refused locally."""
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from l2c.cache import TextCache, embedding_matrix
+from l2c.cli import main
+from l2c.pipeline.embed_job import EmbedConfig, run_embed
+from tests.pipeline.conftest import caption_shards, l2c_cli
+
+FIELDS = ["txt", "json:long_caption"]
+
+
+def embed(sources, out, **kw):
+    return run_embed(EmbedConfig(sources=[str(s) for s in sources], out=str(out), text_fields=FIELDS, progress=False,
+                                 store_dtype="float32", **kw))  # fmt: skip
+
+
+def test_local_and_ray_runners_write_the_same_cache(ray_local, tmp_path, minilm_path):
+    shards = caption_shards(tmp_path / "src", n_shards=3, per_shard=5)
+    local = embed(shards, tmp_path / "local", model=str(minilm_path), runner="local")
+    ray = embed(shards, tmp_path / "ray", model=str(minilm_path), runner="ray")
+    auto = embed(shards, tmp_path / "auto", model=str(minilm_path))  # Ray runs in this process: auto joins it
+    assert (local["runner"], ray["runner"], auto["runner"]) == ("local", "ray", "ray")
+    assert local["rows"] == ray["rows"] == 3 * 5 * 2 and local["tokens_written"] == ray["tokens_written"]
+    a, b = TextCache(tmp_path / "local"), TextCache(tmp_path / "ray")
+    assert a.validate() == [] and b.validate() == []
+    assert a.manifest.to_dict()["shards"] == b.manifest.to_dict()["shards"]  # same files, rows and sha256
+    for name in a.shard_names:
+        assert np.array_equal(embedding_matrix(a.read_shard(name)), embedding_matrix(b.read_shard(name)))
+    again = embed(shards, tmp_path / "local", model=str(minilm_path), runner="local")  # resumes like Ray's
+    assert again["shards_skipped"] == 3 and again["shards_written"] == 0
+
+
+def test_auto_runs_in_the_process_when_no_ray_is_addressed(tmp_path, minilm_path):
+    shards = caption_shards(tmp_path / "src", n_shards=2, per_shard=3)
+    out = tmp_path / "cache"
+    cmd = [*l2c_cli(), "embed-captions", *map(str, shards), "--out", str(out), "--model", str(minilm_path),
+           "-f", "txt", "--no-progress"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "in this process" in done.stdout and len(TextCache(out)) == 2 * 3
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--runner", "local", "--num-actors", "2"], "--num-actors need --runner ray"),
+    (["--runner", "local", "--read-actors", "1"], "--read-actors need --runner ray"),
+    (["--runner", "local", "--ray-address", "ray://head:10001"], "--ray-address need --runner ray"),
+    (["--runner", "threads"], "--runner must be one of auto, local, ray"),
+])  # fmt: skip
+def test_runner_refusals_are_one_line(tmp_path, capsys, flags, says):
+    shards = caption_shards(tmp_path / "src", n_shards=1, per_shard=2)
+    assert main(["embed-captions", str(shards[0]), "--out", str(tmp_path / "c"), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "c" / "manifest.json").exists()
