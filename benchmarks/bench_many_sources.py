@@ -2,11 +2,12 @@
 
 2,000 JSONL sources of 500 real captions each (COCO val2017 and Flickr8k train captions from ../shared/data,
 cycled; generated under OUT/many/src), a tiny random BERT (saved with save_pretrained, the packaged MiniLM's
-tokenizer) as the model, through `run_embed` in this process, which is the job's driver. A sampler thread
+tokenizer) as the model, through `run_embed` in this process, which is the job's driver (`--runner`: auto, which here runs the stages in
+this process too, or ray: a local Ray Data job). A sampler thread
 reads, every 0.2 s, how many shards the manifest journal holds and the driver's resident memory; the table
 gives wall time per shard and driver RSS by hundred shards, first hundred to last. JSON to OUT/.
 
-    python benchmarks/bench_many_sources.py [--sources 2000] [--per-source 500] [--out bench-out]
+    python benchmarks/bench_many_sources.py [--sources 2000] [--per-source 500] [--runner auto|ray] [--out bench-out]
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sources", type=int, default=2000)
     ap.add_argument("--per-source", type=int, default=500)
+    ap.add_argument("--runner", choices=["auto", "local", "ray"], default="auto")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -124,7 +126,7 @@ def main(argv=None) -> dict:
     sampler.start()
     t0 = time.perf_counter()
     s = run_embed(EmbedConfig(sources=[str(p) for p in srcs], out=str(cache), model=str(model), key_field="image_id",
-                              text_fields=["caption"], dtype="float32", progress=False))  # fmt: skip
+                              text_fields=["caption"], dtype="float32", progress=False, runner=args.runner))  # fmt: skip
     total = time.perf_counter() - t0
     sampler.halt.set()
     sampler.join()
@@ -132,7 +134,7 @@ def main(argv=None) -> dict:
 
     rows = per_hundred(sampler.samples, args.sources)
     first, last = rows[0], rows[-1]
-    res = {"sources": args.sources, "per_source": args.per_source, "captions": s["rows"], "seconds": total,
+    res = {"runner": s["runner"], "sources": args.sources, "per_source": args.per_source, "captions": s["rows"], "seconds": total,
            "captions_per_s": s["rows"] / total, "driver_rss_mb_before": rss0, "per_hundred": rows,
            "last_over_first_ms_per_shard": last["ms_per_shard"] / first["ms_per_shard"],
            "rss_growth_mb_first_to_last": last["driver_rss_mb"] - first["driver_rss_mb"]}  # fmt: skip
@@ -140,7 +142,8 @@ def main(argv=None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"bench_many_sources: {args.sources:,} sources × {args.per_source} captions, tiny BERT")
+    t = Table(title=f"bench_many_sources: {args.sources:,} sources × {args.per_source} captions, tiny BERT, "
+                    f"runner {s['runner']}")
     for col in ("shards", "ms per shard", "driver RSS MB"):
         t.add_column(col)
     for r in rows:
@@ -149,7 +152,7 @@ def main(argv=None) -> dict:
     print(f"{total:.0f} s in all, {res['captions_per_s']:,.0f} captions/s; last/first hundred time per shard "
           f"{res['last_over_first_ms_per_shard']:.2f}, RSS growth {res['rss_growth_mb_first_to_last']:+.0f} MB")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_many_sources.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / f"bench_many_sources_{s['runner']}.json").write_text(json.dumps(res, indent=2) + "\n")
     return res
 
 
