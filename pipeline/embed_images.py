@@ -109,6 +109,7 @@ class EncodeImages:
         from l2c.trainer.vision.tower import ImageSpec
 
         transformers.utils.logging.disable_progress_bar()
+        self._threads_before = torch.get_num_threads()
         if threads:
             torch.set_num_threads(int(threads))
         self.spec = spec
@@ -120,6 +121,13 @@ class EncodeImages:
         self.tower = tower.to(self.device, self.dtype)
         self.image_spec = image_spec
         self.pool = ThreadPoolExecutor(spec["decode_threads"])
+
+    def close(self) -> None:
+        """In-process runs: stop the decode threads, give the process its torch threads back."""
+        import torch
+
+        self.pool.shutdown()
+        torch.set_num_threads(self._threads_before)
 
     def _prepare(self, sample):
         """(pixel tensor, None) or (None, (reason, detail)) for one sample."""

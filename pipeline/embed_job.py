@@ -165,6 +165,7 @@ class EncodeShard:
         # On a CPU the hf engine runs `threads` batches at once with one torch thread each (see
         # TextEncoder.encode_tokenized); other engines get the threads as intra-op threads.
         self.streams = int(threads) if threads and spec.get("engine", "hf") == "hf" else 1
+        self._threads_before = torch.get_num_threads()
         if threads:
             torch.set_num_threads(1 if self.streams > 1 else int(threads))
         self.spec = spec
@@ -197,6 +198,16 @@ class EncodeShard:
         out = out.append_column("stats", pa.array(stats_col, pa.string()))
         out = out.append_column("encode_s", pa.array(secs, pa.float64()))
         return out if self.write is None else pa.table(write_shard(out, **self.write))
+
+
+    def close(self) -> None:
+        """Let the engine go (vLLM's engine holds processes and memory until shut down) and give the process
+        its torch threads back (in-process runs)."""
+        import torch
+
+        if hasattr(self.encoder, "shutdown"):
+            self.encoder.shutdown()
+        torch.set_num_threads(self._threads_before)
 
 
 def make_encoder(spec: dict):

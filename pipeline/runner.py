@@ -114,13 +114,20 @@ class Runner:
 
 
 def _run_local(items: list[dict], stages: list[Stage]) -> Iterator[dict]:
+    """Each stage built once here; a stage object's `close()`, if it has one, runs when the job ends (a Ray
+    actor's resources go with its process; here they must be let go)."""
     fns = [s.fn(*s.args) if isinstance(s.fn, type) else _bind(s.fn, s.kwargs) for s in stages]
-    for item in items:
-        table = pa.Table.from_pylist([item])
+    try:
+        for item in items:
+            table = pa.Table.from_pylist([item])
+            for fn in fns:
+                out = fn(table)
+                table = out if isinstance(out, pa.Table) else pa.table(out)
+            yield from table.to_pylist()
+    finally:
         for fn in fns:
-            out = fn(table)
-            table = out if isinstance(out, pa.Table) else pa.table(out)
-        yield from table.to_pylist()
+            if hasattr(fn, "close"):
+                fn.close()
 
 
 def _bind(fn: Callable, kwargs: dict) -> Callable:

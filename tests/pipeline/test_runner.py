@@ -21,8 +21,12 @@ def embed(sources, out, **kw):
 
 
 def test_local_and_ray_runners_write_the_same_cache(ray_local, tmp_path, minilm_path):
+    import torch
+
     shards = caption_shards(tmp_path / "src", n_shards=3, per_shard=5)
+    threads = torch.get_num_threads()
     local = embed(shards, tmp_path / "local", model=str(minilm_path), runner="local")
+    assert torch.get_num_threads() == threads  # the process gets its torch threads back
     ray = embed(shards, tmp_path / "ray", model=str(minilm_path), runner="ray")
     auto = embed(shards, tmp_path / "auto", model=str(minilm_path))  # Ray runs in this process: auto joins it
     assert (local["runner"], ray["runner"], auto["runner"]) == ("local", "ray", "ray")

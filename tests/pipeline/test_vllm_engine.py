@@ -146,8 +146,10 @@ def test_embed_captions_vllm_writes_the_hf_cache_and_resumes(ray_local, tmp_path
                  "-f", "txt", "-f", "json:long_caption", "--dtype", "float32", "--store-dtype", "float32",
                  "--no-progress"]) == 0  # fmt: skip
     assert TextCache(out).rejected() and len(TextCache(out).shard_names) == 2
-    v = run_embed(EmbedConfig(sources=[str(s) for s in every], out=str(out), engine="vllm", **cfg))
-    # Resume: the first run's shards are skipped, the broken one is retried (and fails again).
+    v = run_embed(EmbedConfig(sources=[str(s) for s in every], out=str(out), engine="vllm", runner="local", **cfg))
+    # Resume (in this process, the first run was a Ray job): the first run's shards are skipped, the broken one
+    # is retried (and fails again).
+    assert v["runner"] == "local"
     assert v["shards_skipped"] == 2 and v["shards_written"] == 2 and v["shards_failed"] == ["broken"]
     assert v["rejected_by_reason_this_run"] == {"unreadable_shard": 1}
     assert h["rejected_by_reason_this_run"] == {
