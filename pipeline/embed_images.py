@@ -32,7 +32,7 @@ from l2c.pipeline.embed_job import (
     open_output,
     shards_to_do,
 )
-from l2c.pipeline.runner import Runner, Stage, check_runner
+from l2c.pipeline.runner import Runner, Stage, check_runner, encoder_layout
 from l2c.storage import Store
 
 # Settings that must match for a rerun to add to an existing image cache.
@@ -313,13 +313,8 @@ def run_embed_images(cfg: ImageEmbedConfig) -> dict:
 
 
 def layout(cfg: ImageEmbedConfig, gpus: float, cpus: float, local: bool = False) -> dict:
-    """How the job spreads over `gpus`/`cpus`: encoder actors, their CPUs/GPUs and torch threads."""
-    on_gpu = gpus > 0 and cfg.gpus_per_actor != 0
-    gpus_per = cfg.gpus_per_actor or (1 if on_gpu else 0)
-    n_actors = 1 if local else cfg.num_actors or (max(1, int(gpus // gpus_per)) if on_gpu else 1)
-    cpus_per = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else (2 if on_gpu else max(1.0, cpus - 1))
-    threads = None if on_gpu else max(1, int(cfg.cpus_per_actor or cpus / n_actors))  # torch threads = CPUs held
-    return {"on_gpu": on_gpu, "gpus_per": gpus_per, "n_actors": n_actors, "cpus_per": cpus_per, "threads": threads}
+    """How the job spreads over `gpus`/`cpus` (`runner.encoder_layout`; an actor on a GPU holds 2 CPUs to decode)."""
+    return encoder_layout(gpus, cpus, local, cfg.num_actors, cfg.gpus_per_actor, cfg.cpus_per_actor, 2)
 
 
 def _run_pipeline(cfg, todo, names, settings, runner: Runner, manifest, out) -> list[dict]:

@@ -30,7 +30,7 @@ from l2c.cache import (
 from l2c.config import ConfigError
 from l2c.errors import L2CError
 from l2c.lock import OutputLock
-from l2c.pipeline.runner import Runner, Stage, check_runner
+from l2c.pipeline.runner import Runner, Stage, check_runner, encoder_layout
 from l2c.ray_utils import valid_resources
 from l2c.storage import Store
 
@@ -446,15 +446,11 @@ def run_embed(cfg: EmbedConfig) -> dict:
 def layout(cfg: EmbedConfig, gpus: float, cpus: float, local: bool = False) -> dict:
     """How the job spreads over `gpus`/`cpus`: encoder actors, their CPUs/GPUs and torch threads, read actors,
     and whether one encoder reads, tokenizes and writes its shards itself (`fused`; always so in this process)."""
-    on_gpu = gpus > 0 and cfg.gpus_per_actor != 0
-    gpus_per = cfg.gpus_per_actor or (1 if on_gpu else 0)
-    n_actors = 1 if local else cfg.num_actors or (max(1, int(gpus // gpus_per)) if on_gpu else 1)
-    cpus_per = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else (1 if on_gpu else max(1.0, cpus - 1))
-    threads = None if on_gpu else max(1, int(cfg.cpus_per_actor or cpus / n_actors))  # torch threads = CPUs held
-    return {"on_gpu": on_gpu, "gpus_per": gpus_per, "n_actors": n_actors, "cpus_per": cpus_per, "threads": threads,
-            "n_readers": cfg.read_actors or max(1, min(4 if on_gpu else 1, int(cpus // 2) or 1)),
+    lay = encoder_layout(gpus, cpus, local, cfg.num_actors, cfg.gpus_per_actor, cfg.cpus_per_actor, 1)
+    return {**lay,
+            "n_readers": cfg.read_actors or max(1, min(4 if lay["on_gpu"] else 1, int(cpus // 2) or 1)),
             # one encoder on CPUs: it reads, tokenizes and writes itself (fewer processes on the same cores)
-            "fused": local or (not on_gpu and n_actors == 1 and cfg.read_actors is None)}  # fmt: skip
+            "fused": local or (not lay["on_gpu"] and lay["n_actors"] == 1 and cfg.read_actors is None)}  # fmt: skip
 
 
 def _run_pipeline(cfg, todo, names, spec, settings, runner: Runner, manifest, out) -> Tally:

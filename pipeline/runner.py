@@ -48,6 +48,19 @@ def check_runner(runner: str, **ray_only) -> None:
         raise ConfigError(f"--runner local runs one encoder in this process; {flags} need --runner ray")
 
 
+def encoder_layout(gpus: float, cpus: float, local: bool, num_actors: int | None, gpus_per_actor: float | None,
+                   cpus_per_actor: float | None, cpus_per_gpu_actor: float) -> dict:
+    """How a job's encoders spread over `gpus`/`cpus`: on GPUs one actor per GPU (or `gpus_per_actor`) holding
+    `cpus_per_gpu_actor` CPUs; on CPUs one actor holding all CPUs but one (Ray's own processes keep one), whose
+    torch threads are the CPUs it was given. `local`: one encoder, this process."""
+    on_gpu = gpus > 0 and gpus_per_actor != 0
+    gpus_per = gpus_per_actor or (1 if on_gpu else 0)
+    n_actors = 1 if local else num_actors or (max(1, int(gpus // gpus_per)) if on_gpu else 1)
+    cpus_per = cpus_per_actor if cpus_per_actor is not None else (cpus_per_gpu_actor if on_gpu else max(1.0, cpus - 1))
+    threads = None if on_gpu else max(1, int(cpus_per_actor or cpus / n_actors))
+    return {"on_gpu": on_gpu, "gpus_per": gpus_per, "n_actors": n_actors, "cpus_per": cpus_per, "threads": threads}
+
+
 def local_resources() -> tuple[float, float]:
     """(GPUs, CPUs) this process may use: what a local Ray would report, without starting one."""
     import torch

@@ -63,3 +63,19 @@ def test_runner_refusals_are_one_line(tmp_path, capsys, flags, says):
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_layouts_auto_chooses_between():
+    """What `auto` would run in the process (one fused CPU encoder) and what it leaves to Ray."""
+    from l2c.pipeline.embed_job import layout
+
+    cfg = EmbedConfig(sources=["x"], out="y")
+    cpu = layout(cfg, gpus=0, cpus=2)
+    assert (cpu["n_actors"], cpu["threads"], cpu["cpus_per"], cpu["fused"]) == (1, 2, 1.0, True)
+    gpu = layout(cfg, gpus=8, cpus=64)
+    assert (gpu["on_gpu"], gpu["n_actors"], gpu["threads"], gpu["n_readers"], gpu["fused"]) == (True, 8, None, 4, False)
+    assert layout(cfg, gpus=8, cpus=64, local=True)["n_actors"] == 1  # --runner local: one encoder, this process
+    assert not layout(EmbedConfig(sources=["x"], out="y", read_actors=2), gpus=0, cpus=2)["fused"]
+    assert not layout(EmbedConfig(sources=["x"], out="y", num_actors=2), gpus=0, cpus=16)["fused"]
+    cpu_on_gpu_box = layout(EmbedConfig(sources=["x"], out="y", gpus_per_actor=0), gpus=8, cpus=16)
+    assert (cpu_on_gpu_box["on_gpu"], cpu_on_gpu_box["threads"], cpu_on_gpu_box["fused"]) == (False, 16, True)
