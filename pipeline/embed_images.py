@@ -296,13 +296,17 @@ def run_embed_images(cfg: ImageEmbedConfig) -> dict:
     runner = None
     t0 = time.time()
     try:
-        runner = Runner.start(cfg.runner, cfg.ray_address, lambda gpus, cpus: not layout(cfg, gpus, cpus)["on_gpu"]
-                              and layout(cfg, gpus, cpus)["n_actors"] == 1)  # fmt: skip
-        settings = resolve_settings(cfg, layout(cfg, runner.gpus, runner.cpus)["on_gpu"])
+        def one_cpu_encoder(gpus: float, cpus: float) -> bool:
+            lay = layout(cfg, gpus, cpus)
+            return not lay["on_gpu"] and lay["n_actors"] == 1
+
+        runner = Runner.start(cfg.runner, cfg.ray_address, one_cpu_encoder)
+        lay = layout(cfg, runner.gpus, runner.cpus, runner.local)
+        settings = resolve_settings(cfg, lay["on_gpu"])
         manifest = open_manifest(out, settings, cfg.overwrite, IDENTITY_KEYS, IMAGE_FORMAT_NAME)
         manifest.save(out)
         todo = shards_to_do(manifest, out, sources, names)
-        results = _run_pipeline(cfg, todo, names, settings, runner, manifest, out) if todo else []
+        results = _run_pipeline(cfg, todo, names, settings, runner, lay, manifest, out) if todo else []
         n_rejects = assemble_rejects(out, [names[s] for s in sources])
     finally:
         lock.release()
@@ -317,10 +321,9 @@ def layout(cfg: ImageEmbedConfig, gpus: float, cpus: float, local: bool = False)
     return encoder_layout(gpus, cpus, local, cfg.num_actors, cfg.gpus_per_actor, cfg.cpus_per_actor, 2)
 
 
-def _run_pipeline(cfg, todo, names, settings, runner: Runner, manifest, out) -> list[dict]:
+def _run_pipeline(cfg, todo, names, settings, runner: Runner, lay: dict, manifest, out) -> list[dict]:
     from l2c.progress import ProgressBar
 
-    lay = layout(cfg, runner.gpus, runner.cpus, runner.local)
     spec = {**settings, "on_gpu": lay["on_gpu"], "batch_size": cfg.batch_size,
             "decode_threads": cfg.decode_threads or (8 if lay["on_gpu"] else 2)}  # fmt: skip
     stages = [

@@ -426,14 +426,15 @@ def run_embed(cfg: EmbedConfig) -> dict:
     try:
         runner = Runner.start(cfg.runner, cfg.ray_address,
                               lambda gpus, cpus: layout(cfg, gpus, cpus)["fused"] and not cfg.actor_resources)
-        settings, spec = resolve_settings(cfg, layout(cfg, runner.gpus, runner.cpus, runner.local)["on_gpu"])
+        lay = layout(cfg, runner.gpus, runner.cpus, runner.local)
+        settings, spec = resolve_settings(cfg, lay["on_gpu"])
         manifest = open_manifest(out, settings, cfg.overwrite)
         manifest.save(out)
         todo = shards_to_do(manifest, out, sources, names)
         skipped = len(sources) - len(todo)
         results = Tally()
         if todo:
-            results = _run_pipeline(cfg, todo, names, spec, settings, runner, manifest, out)
+            results = _run_pipeline(cfg, todo, names, spec, settings, runner, lay, manifest, out)
         n_rejects = assemble_rejects(out, [names[s] for s in sources])
     finally:
         lock.release()
@@ -453,10 +454,9 @@ def layout(cfg: EmbedConfig, gpus: float, cpus: float, local: bool = False) -> d
             "fused": local or (not lay["on_gpu"] and lay["n_actors"] == 1 and cfg.read_actors is None)}  # fmt: skip
 
 
-def _run_pipeline(cfg, todo, names, spec, settings, runner: Runner, manifest, out) -> Tally:
+def _run_pipeline(cfg, todo, names, spec, settings, runner: Runner, lay: dict, manifest, out) -> Tally:
     from l2c.progress import ProgressBar
 
-    lay = layout(cfg, runner.gpus, runner.cpus, runner.local)
     spec = {**spec, "max_batch_size": cfg.max_batch_size or (512 if lay["on_gpu"] else 64)}
     write = {"out_dir": out.url, "store_dtype": settings["store_dtype"], "dim": settings["dim"], "strict": cfg.strict}
     encode = Stage(EncodeShard, (spec, lay["threads"], write if lay["fused"] else None), actors=lay["n_actors"],
@@ -464,7 +464,7 @@ def _run_pipeline(cfg, todo, names, spec, settings, runner: Runner, manifest, ou
                    num_gpus=lay["gpus_per"] if lay["on_gpu"] else 0, resources=cfg.actor_resources)  # fmt: skip
     stages = [encode]
     if not lay["fused"]:
-        readers = min(len(todo), lay["n_readers"])
+        readers = cfg.read_actors or min(len(todo), lay["n_readers"])  # by default no more readers than shards
         stages = [Stage(ReadTokenize, (spec,), actors=readers, num_cpus=0.5), encode,
                   Stage(write_shard, kwargs=write, num_cpus=0.25)]  # fmt: skip
 
