@@ -84,7 +84,7 @@ class ImageEmbedConfig:
             raise ConfigError("--batch-size and --decode-threads must be positive")
         if self.num_actors is not None and self.num_actors < 1:
             raise ConfigError("--num-actors must be positive")
-        check_runner(self.runner, num_actors=(self.num_actors or 1) > 1, ray_address=bool(self.ray_address))
+        check_runner(self.runner, self.ray_address, num_actors=(self.num_actors or 1) > 1)
 
 
 def load_tower(path: str):

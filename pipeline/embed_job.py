@@ -97,8 +97,8 @@ class EmbedConfig:
             raise ConfigError("--num-actors and --read-actors must be positive")
         if not valid_resources(self.actor_resources):
             raise ConfigError(f"--actor-resources must map resource names to numbers >= 0, got {self.actor_resources}")
-        check_runner(self.runner, num_actors=(self.num_actors or 1) > 1, read_actors=self.read_actors is not None,
-                     actor_resources=bool(self.actor_resources), ray_address=bool(self.ray_address))  # fmt: skip
+        check_runner(self.runner, self.ray_address, num_actors=(self.num_actors or 1) > 1,
+                     read_actors=self.read_actors is not None, actor_resources=bool(self.actor_resources))  # fmt: skip
 
 
 # Between the stages a shard travels as one row of an Arrow table with typed columns (token ids and vectors as

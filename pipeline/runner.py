@@ -37,11 +37,12 @@ class Stage:
     resources: dict | None = None
 
 
-def check_runner(runner: str, **ray_only) -> None:
-    """Refuse an unknown runner, and `local` with settings that only mean something under Ray (given as
-    flag_name=True when set)."""
+def check_runner(runner: str, ray_address: str | None = None, **ray_only) -> None:
+    """Refuse an unknown runner, and `local` with a Ray cluster to join (`ray_address` or `RAY_ADDRESS`) or
+    with other settings that only mean something under Ray (given as flag_name=True when set)."""
     if runner not in RUNNERS:
         raise ConfigError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    ray_only["ray_address"] = bool(ray_address or os.environ.get("RAY_ADDRESS"))
     given = [k for k, v in ray_only.items() if v]
     if runner == "local" and given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
@@ -80,10 +81,8 @@ class Runner:
     def start(cls, runner: str, address: str | None, fits_local: Callable[[float, float], bool]) -> Runner:
         """`fits_local(gpus, cpus)`: whether the job's default layout on this machine is one encoder that reads
         and writes its own shards (what `auto` runs here); a job run with `local` plans that layout itself."""
-        check_runner(runner)
+        check_runner(runner, address)
         address = address or os.environ.get("RAY_ADDRESS") or None
-        if runner == "local" and address:
-            raise ConfigError(f"--runner local runs in this process; it cannot join the Ray cluster at {address}")
         ray_running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
         if runner == "local" or (runner == "auto" and not address and not ray_running):
             gpus, cpus = local_resources()

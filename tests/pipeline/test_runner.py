@@ -79,3 +79,12 @@ def test_layouts_auto_chooses_between():
     assert not layout(EmbedConfig(sources=["x"], out="y", num_actors=2), gpus=0, cpus=16)["fused"]
     cpu_on_gpu_box = layout(EmbedConfig(sources=["x"], out="y", gpus_per_actor=0), gpus=8, cpus=16)
     assert (cpu_on_gpu_box["on_gpu"], cpu_on_gpu_box["threads"], cpu_on_gpu_box["fused"]) == (False, 16, True)
+
+
+def test_local_runner_refuses_a_cluster_named_by_the_environment(tmp_path, monkeypatch):
+    from l2c.config import ConfigError
+
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(ConfigError, match="--ray-address need --runner ray"):
+        embed([tmp_path / "x.jsonl"], tmp_path / "c", runner="local")
+    assert not (tmp_path / "c").exists()  # refused before anything is written
