@@ -117,12 +117,13 @@ def _row(table, name: str, i: int = 0) -> np.ndarray:
 class ReadTokenize:
     """Ray Data actor: one source shard in, its accepted captions as token ids (plus rejects) out."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, tokenizer=None):
+        """`tokenizer`: one already loaded from `spec["model_path"]` (the encoder's, when one actor does both)."""
         from transformers import AutoTokenizer
 
         from l2c.pipeline.encoder import CaptionTokenizer
 
-        tok = AutoTokenizer.from_pretrained(spec["model_path"])
+        tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(spec["model_path"])
         self.captions = CaptionTokenizer(tok, spec["max_length"], spec["instruction"], spec["prompt_format"])
         self.args = (spec["fields"], spec["key_field"])
 
@@ -170,7 +171,7 @@ class EncodeShard:
             torch.set_num_threads(1 if self.streams > 1 else int(threads))
         self.spec = spec
         self.encoder = make_encoder(spec)
-        self.read = ReadTokenize(spec) if write is not None else None
+        self.read = ReadTokenize(spec, getattr(self.encoder, "tokenizer", None)) if write is not None else None
         self.write = write
 
     def __call__(self, batch: pa.Table) -> pa.Table:
