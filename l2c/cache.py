@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from l2c.errors import L2CError
+from l2c.fields import FieldSpecError, check_known, row_mask
 from l2c.storage import StorageError, Store, as_store, open_store
 
 FORMAT_NAME = "l2c-text-cache"
@@ -202,11 +203,6 @@ def open_cache_store(spec: str | Path | Store) -> Store:
         raise CacheError(str(e)) from e
 
 
-
-def covers(spec: str, name: str) -> bool:
-    """Whether a field spec names a row field: itself, or for `json:captions[*]` every `json:captions[i]`."""
-    return name == spec or (spec.endswith("[*]") and name.startswith(spec[:-2]) and name.endswith("]"))
-
 class TextCache:
     """Read access to a finished (or partly finished) text-embedding cache.
 
@@ -280,10 +276,11 @@ class TextCache:
     def field_mask(self, names: list[str], requested: list[str]) -> np.ndarray:
         """Rows whose field is one of `requested`: a spec as the manifest lists it (`json:captions[*]` takes
         every element) or one row name (`json:captions[0]`). An unknown field is an error listing the known."""
-        for f in requested:
-            if f not in self.fields and not any(covers(k, f) for k in self.fields):
-                raise CacheError(f"field {f!r} is not in text cache {self.dir}; it holds {', '.join(self.fields)}")
-        return np.fromiter((any(covers(f, n) for f in requested) for n in names), bool, len(names))
+        try:
+            check_known(requested, self.fields, f"text cache {self.dir}")
+        except FieldSpecError as e:
+            raise CacheError(str(e)) from None
+        return row_mask(names, requested)
 
     def load(self, fields: list[str] | None = None, dtype=np.float32) -> tuple[list[str], list[str], np.ndarray]:
         """All rows (optionally only some fields, see `field_mask`) as (keys, fields, embeddings[n, dim])."""

@@ -1,18 +1,13 @@
 """Caption sources: webdataset tars, JSONL and Parquet tables, read into (key, field, text) rows.
 
-A field spec names where a caption lives:
-  `txt`                  a tar member (bytes → UTF-8) or a table column
-  `json:long_caption`    a path inside a JSON member (tar) or a JSON-string column (table)
-  `captions[0]`          a list element; `captions[*]` gives one row per element present
-  `meta.dense.text`      nested keys
-Every caption that cannot become a row is returned as a reject with its reason; nothing is dropped quietly.
+Field specs (`txt`, `json:long_caption`, `captions[*]`, `json:conversations[*].value`) follow `l2c.fields`.
+Captions are kept exactly as written (newlines, runs of spaces); only an all-whitespace caption is rejected. Every caption that cannot become a row is returned as a reject with its reason; nothing is dropped quietly.
 Tars and tables are read with `l2c.data` (`shards.read_tar`, `records.iter_records`), the readers train-vision
 and eval use, so the cache's rows follow the very samples, in the very order, the image stream sees.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +15,10 @@ from pathlib import Path
 from l2c.data.records import RECORD_SUFFIXES, BadRecord, iter_records
 from l2c.data.shards import TAR_SUFFIXES, ShardSpecError, expand_shards, read_tar
 from l2c.errors import L2CError
+from l2c.fields import BAD_JSON, MISSING, FieldSpec
 from l2c.storage import is_url
 
 TABLE_SUFFIXES = RECORD_SUFFIXES
-_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+|\*)\]")
 
 
 class SourceError(L2CError, ValueError):
@@ -61,58 +56,6 @@ def shard_names(sources: list[str]) -> dict[str, str]:
     }
 
 
-@dataclass(frozen=True)
-class FieldSpec:
-    """A parsed field spec: optional JSON member, then a path of keys / indices / `*`."""
-
-    spec: str
-    member: str | None
-    path: tuple
-
-    @classmethod
-    def parse(cls, spec: str) -> FieldSpec:
-        member, _, rest = spec.partition(":") if ":" in spec else (None, "", spec)
-        path: list = []
-        pos = 0
-        for m in _TOKEN.finditer(rest):
-            if m.start() != pos and rest[pos:m.start()] != ".":
-                raise SourceError(f"bad field spec {spec!r}")
-            pos = m.end()
-            if m.group(1) is not None:
-                path.append(m.group(1))
-            else:
-                path.append("*" if m.group(2) == "*" else int(m.group(2)))
-        if not path or pos != len(rest) or isinstance(path[0], int) or path[0] == "*":
-            raise SourceError(f"bad field spec {spec!r}: expected e.g. txt, json:long_caption, captions[0]")
-        if path.count("*") > 1:
-            raise SourceError(f"field spec {spec!r}: at most one [*]")
-        return cls(spec, member or None, tuple(path))
-
-
-_MISSING = object()
-
-
-def _walk(value, path: tuple, name: str) -> list[tuple[str, object]]:
-    """Follow `path` into value; returns [(field name, leaf)], several for `[*]`; leaf may be _MISSING."""
-    for i, step in enumerate(path):
-        if step == "*":
-            if not isinstance(value, list):
-                return [(name, _MISSING)]
-            prefix = name.split("[*]")[0]
-            suffix = name.split("[*]", 1)[1]
-            out = []
-            for j, item in enumerate(value):
-                out += _walk(item, path[i + 1 :], f"{prefix}[{j}]{suffix}")
-            return out
-        if isinstance(step, int):
-            value = value[step] if isinstance(value, list) and -len(value) <= step < len(value) else _MISSING
-        else:
-            value = value.get(step, _MISSING) if isinstance(value, dict) else _MISSING
-        if value is _MISSING:
-            return [(name, _MISSING)]
-    return [(name, value)]
-
-
 @dataclass
 class ShardRows:
     """What one source shard yields: accepted rows in key order, and rejects with reasons."""
@@ -127,7 +70,7 @@ class ShardRows:
 
 def _as_text(leaf) -> tuple[str | None, str | None]:
     """(text, None) or (None, reason)."""
-    if leaf is _MISSING or leaf is None:
+    if leaf is MISSING or leaf is None:
         return None, "missing_field"
     if isinstance(leaf, (bytes, bytearray)):
         try:
@@ -136,29 +79,11 @@ def _as_text(leaf) -> tuple[str | None, str | None]:
             return None, "invalid_utf8"
     if not isinstance(leaf, str):
         return None, "not_string"
-    text = " ".join(leaf.split())  # normalise whitespace, strip
-    if not text:
+    if not leaf.strip():
         return None, "empty"
-    if "\ufffd" in text:
+    if "\ufffd" in leaf:
         return None, "invalid_utf8"
-    return text, None
-
-
-def _extract(record: dict, specs: list[FieldSpec]) -> list[tuple[str, object]]:
-    out = []
-    for fs in specs:
-        if fs.member is None:
-            out += _walk(record, fs.path, fs.spec)
-            continue
-        raw = record.get(fs.member, _MISSING)
-        if isinstance(raw, (bytes, bytearray, str)):
-            try:
-                raw = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                out.append((fs.spec.replace("[*]", "[0]"), "__bad_json__"))
-                continue
-        out += _walk(raw, fs.path, fs.spec) if raw is not _MISSING else [(fs.spec, _MISSING)]
-    return out
+    return leaf, None  # exactly as written: newlines, runs of spaces and tabs reach the tokenizer
 
 
 def read_shard(source: str, shard: str, text_fields: list[str], key_field: str = "key") -> ShardRows:
@@ -208,8 +133,8 @@ def read_shard(source: str, shard: str, text_fields: list[str], key_field: str =
                 reject(key, None, "duplicate_key", "key already seen in this source")
                 continue
             seen.add(key)
-            for name, leaf in _extract(rec, specs):
-                if leaf == "__bad_json__":
+            for name, leaf in (pair for fs in specs for pair in fs.extract(rec)):
+                if leaf is BAD_JSON:
                     reject(key, name, "invalid_json")
                     continue
                 text, why = _as_text(leaf)

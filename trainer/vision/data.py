@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from l2c.cache import covers
 from l2c.data.images import decode_image, image_member
 from l2c.data.shards import read_tar
 from l2c.errors import L2CError
+from l2c.fields import covers
 from l2c.trainer.vision.pairing import Pairing
 from l2c.trainer.vision.tower import ImageSpec
 from l2c.trainer.vision.transforms import train_transform

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from l2c import atomic
-from l2c.cache import CacheError, TextCache, covers, embedding_matrix
+from l2c.cache import CacheError, TextCache, embedding_matrix
 from l2c.data.images import image_member
+from l2c.fields import covers
 
 INDEX_VERSION = 2
 

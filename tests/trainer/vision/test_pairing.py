@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from l2c.cache import TextCache, covers
+from l2c.cache import TextCache
 from l2c.data.shards import read_tar
+from l2c.fields import covers
 from l2c.trainer.vision.pairing import derangement, plan_pairing, used_fields
 from tests.trainer.vision.train_helpers import write_cache, write_class_shards
 
