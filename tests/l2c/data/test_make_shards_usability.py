@@ -88,9 +88,9 @@ def test_select_file(flickr_style, tmp_path, capsys):
     assert "named no record" in capsys.readouterr().out
 
 
-def test_readme_documents_converted_fields_and_formats():
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### `l2c make-shards`"):]
+def test_reference_documents_converted_fields_and_formats():
+    text = (ROOT / "docs" / "reference.md").read_text()
+    section = text[text.index("## `l2c make-shards`"):]
     section = section[: section.index("\n## ")]
     assert re.search(r"`txt`[^\n]*first caption", section)
     assert re.search(r"`json:long_caption`[^\n]*all captions[^\n]*joined", section)
