@@ -26,7 +26,9 @@ import pyarrow.parquet as pq
 
 from l2c.errors import L2CError
 from l2c.fields import FieldSpecError, check_known, row_mask
+from l2c.meta import TextCacheSettings
 from l2c.storage import StorageError, Store, as_store, open_store
+from l2c.teacher import TeacherSpec
 
 FORMAT_NAME = "l2c-text-cache"
 IMAGE_FORMAT_NAME = "l2c-image-cache"  # `l2c embed-images`; read through l2c.image_cache.ImageCache
@@ -248,6 +250,16 @@ class TextCache:
     @property
     def fingerprint(self) -> str:
         return str(self.settings.get("model_fingerprint", ""))
+
+    @property
+    def meta(self) -> TextCacheSettings:
+        """The manifest's settings, typed: the teacher, the caption fields, the key field."""
+        return TextCacheSettings.from_dict(self.settings)
+
+    @property
+    def teacher(self) -> TeacherSpec:
+        """The teacher that made these vectors (`l2c.teacher`); compare two with `TeacherSpec.check_same`."""
+        return TeacherSpec.from_dict(self.settings)
 
     @property
     def shard_names(self) -> list[str]:

@@ -36,15 +36,11 @@ from l2c.pipeline.runner import Runner, Stage, check_runner, encoder_layout
 from l2c.storage import Store
 
 # Settings that must match for a rerun to add to an existing image cache.
-IDENTITY_KEYS = (
-    "model_fingerprint",
-    "image_spec",
-    "decode_target",
-    "dtype",
-    "store_dtype",
-    "dim",
-    "patch_mean",
-)
+IDENTITY_KEYS = ("model_fingerprint", "image_spec", "decode_target", "dtype", "store_dtype", "dim", "patch_mean")
+
+
+def image_identity(settings: dict) -> dict:
+    return {k: settings.get(k) for k in IDENTITY_KEYS}
 
 
 @dataclass
@@ -255,8 +251,8 @@ def resolve_settings(cfg: ImageEmbedConfig, gpus_available: bool) -> dict:
     from pathlib import Path
 
     from l2c.models import fingerprint
-    from l2c.pipeline.embed_job import engine_version
     from l2c.pipeline.encoder import resolve_dtype
+    from l2c.teacher import engine_version
     from l2c.trainer.vision.tower import tower_width
 
     path = Path(cfg.model).expanduser()
@@ -303,7 +299,7 @@ def run_embed_images(cfg: ImageEmbedConfig) -> dict:
         runner = Runner.start(cfg.runner, cfg.ray_address, one_cpu_encoder)
         lay = layout(cfg, runner.gpus, runner.cpus, runner.local)
         settings = resolve_settings(cfg, lay["on_gpu"])
-        manifest = open_manifest(out, settings, cfg.overwrite, IDENTITY_KEYS, IMAGE_FORMAT_NAME)
+        manifest = open_manifest(out, settings, cfg.overwrite, image_identity, IMAGE_FORMAT_NAME)
         manifest.save(out)
         todo = shards_to_do(manifest, out, sources, names)
         results = _run_pipeline(cfg, todo, names, settings, runner, lay, manifest, out) if todo else []

