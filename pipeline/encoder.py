@@ -287,7 +287,8 @@ class CaptionTokenizer:
 
     def _wrapped(self, texts: list[str]) -> Tokenized:
         """llm2vec's `tokenize`: the wrapped string with special tokens, cut at max_length by the tokenizer;
-        the last n tokens pooled, n = tokens of caption + closing marker alone (also capped at max_length)."""
+        the last n tokens pooled, n = tokens of caption + closing marker alone (also capped at max_length);
+        n = 0 (a caption starting with llm2vec's separator) pools every token, as llm2vec's `[-0:]` does."""
         n = len(texts)
         if not n:
             return Tokenized([], np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, bool))
@@ -304,6 +305,7 @@ class CaptionTokenizer:
         ids = [list(x) for x in ids]
         n_tokens = np.asarray([len(x) for x in ids], np.int32)
         pooled = np.minimum([min(len(t), self.max_length) for t in tails], n_tokens)
+        pooled[pooled == 0] = n_tokens[pooled == 0]
         return Tokenized(ids, (n_tokens - pooled).astype(np.int32), n_tokens, truncated)
 
 

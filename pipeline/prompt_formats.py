@@ -10,20 +10,34 @@ skip_instruction=True`) caption by caption:
   (`PRE + text.strip() + POST`); for Llama-3 chat models (chosen by `config._name_or_path`, which the official
   extraction sets to "meta-llama/Meta-Llama-3-8B-Instruct"):
   `<|start_header_id|>user<|end_header_id|>\\n\\n` + caption + `<|eot_id|>`.
-* `tokenize` removes the separator and tokenizes the joined string with the tokenizer's special tokens (BOS),
-  truncated to `max_length` tokens (the tokenizer's truncation side, right by default); the part after the
-  separator (caption + POST) is tokenized alone, without special tokens and also capped at `max_length`, and
-  its length n marks the embed mask: the **last n tokens** of the sequence (llm2vec pads on the left).
+* `tokenize` splits the string at the separator: the pieces joined (every separator removed) are tokenized with
+  the tokenizer's special tokens (BOS), truncated to `max_length` tokens (the tokenizer's truncation side, right
+  by default); the second piece (caption + POST) is tokenized alone, without special tokens and also capped at
+  `max_length`, and its length n marks the embed mask: the **last n tokens** of the sequence (llm2vec pads on
+  the left).
 * `get_pooling` with `skip_instruction=True` averages the last hidden state over those n tokens: the caption's
   tokens and POST (`<|eot_id|>`); BOS, the header and an instruction are attended to, not pooled. No
   normalisation (l2c normalises unless `--no-normalize`).
 
-Long captions: llm2vec's `_convert_to_str` cuts a caption at word boundaries while its token count exceeds
-`doc_max_length`, but it counts tokens after truncating at `max_length`; with `doc_max_length >= max_length`
-(the official 512/512, and l2c's only setting) the cut never fires, and a caption is simply truncated with the
-whole sequence at `max_length`. When the caption + POST alone reach `max_length` tokens, the pooled span is
-the last `max_length` tokens: with header tokens in front, part of the header is pooled and POST is cut off.
-l2c reproduces exactly that (tests/interop/ checks captions of 600+ tokens against llm2vec itself).
+Whitespace: the caption reaches the tokenizer as written, except that `text.strip()` removes its trailing
+whitespace; leading whitespace stays (the separator sits before it), and newlines, blank lines, runs of
+spaces, tabs and non-ASCII inside it are tokenized as they are. The caption's first tokens may merge with the
+header's `\\n\\n` (a caption starting with a newline); n still counts the caption + POST tokenized alone, so the
+pooled span is the last n tokens whatever the merge made of the boundary, as in llm2vec.
+
+Odd cases, reproduced as llm2vec has them: a caption holding the separator `!@#$%^&*()` loses every copy of it
+and n counts only the text up to the first copy (the last n tokens are still pooled); a caption starting with it
+leaves n = 0, and llm2vec's `last_hidden_states[i, -0:]` then averages the whole sequence (l2c pools every
+token; llm2vec also takes a batch's left padding, which l2c has none of).
+
+Long captions: llm2vec's `_convert_to_str` cuts a caption to whole words (`" ".join(text.split()[:k])`, which
+would also collapse its whitespace) while its token count exceeds `doc_max_length`, but it counts tokens after
+truncating at `max_length`; with `doc_max_length >= max_length` (the official 512/512, and l2c's only setting)
+the count never exceeds the limit, the cut never fires, whatever the caption's length in words or tokens, and a
+caption is simply truncated with the whole sequence at `max_length`. When the caption + POST alone reach
+`max_length` tokens, the pooled span is the last `max_length` tokens: with header tokens in front, part of the
+header is pooled and POST is cut off. l2c reproduces exactly that (tests/interop/ checks paragraph captions,
+captions past 512 tokens and past 512 words against llm2vec itself).
 """
 
 from __future__ import annotations
@@ -31,6 +45,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from l2c.errors import L2CError
+
+SEPARATOR = "!@#$%^&*()"  # llm2vec's mark between instruction and text
 
 
 @dataclass(frozen=True)
@@ -89,9 +105,8 @@ def check_tokenizer(fmt: PromptFormat | None, tokenizer, model: str = "") -> Non
 
 
 def wrap(fmt: PromptFormat, caption: str, instruction: str = "") -> tuple[str, str]:
-    """(the whole string fed to the tokenizer, the pooled tail), as llm2vec's `_convert_to_str`,
-    `prepare_for_tokenization` and `tokenize` build them: the separator sits before the caption, so the
-    caption keeps its leading whitespace and loses its trailing whitespace (`text.strip()` of the whole)."""
-    body = caption.rstrip()
-    head = instruction.strip() + " " if instruction.strip() else ""
-    return fmt.pre + head + body + fmt.post, body + fmt.post
+    """(the whole string fed to the tokenizer, the pooled tail), built as llm2vec's `_convert_to_str`,
+    `prepare_for_tokenization` and `tokenize` build them, step for step (see the module docstring)."""
+    text = f"{instruction.strip()} {SEPARATOR}{caption}" if instruction else f"{SEPARATOR}{caption}"
+    pieces = (fmt.pre + text.strip() + fmt.post).split(SEPARATOR)
+    return "".join(pieces), pieces[1] if len(pieces) > 1 else ""

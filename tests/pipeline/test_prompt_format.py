@@ -39,9 +39,76 @@ def test_wrap_is_llm2vecs_string_handling():
     assert wrap(LLAMA3, " a dog  ") == (HEADER + " a dog<|eot_id|>", " a dog<|eot_id|>")
     assert wrap(LLAMA3, "a dog", "  Represent the caption: ") == (
         HEADER + "Represent the caption: a dog<|eot_id|>", "a dog<|eot_id|>")  # fmt: skip
+    assert wrap(LLAMA3, "\n\na\n\n b\t") == (HEADER + "\n\na\n\n b<|eot_id|>", "\n\na\n\n b<|eot_id|>")
+    assert wrap(LLAMA3, "a !@#$%^&*() b") == (HEADER + "a  b<|eot_id|>", "a ")  # llm2vec's separator
     assert wrap(get_format("llm2vec-mistral"), "a cat") == ("[INST] a cat [/INST]", "a cat [/INST]")
     assert wrap(get_format("llm2vec-qwen2"), "a cat")[0] == "<|im_start|>user\na cat<|im_end|>"
     assert wrap(get_format("llm2vec-gemma2"), "a cat")[0] == "<bos><start_of_turn>user\na cat<end_of_turn>"
+
+
+def byte_tokenizer():
+    """Llama-3's pre-tokenizer (its split pattern, then byte-level) over a BPE of the 256 byte symbols with
+    only two merges, a newline pair (ĊĊ) and a space pair (ĠĠ), Llama-3's special tokens and BOS: small enough
+    to derive its tokens by hand, and it keeps what whitespace does to Llama-3's pre-tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.interop.reference import LLAMA3_SPLIT, SPECIAL
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"ĊĊ": len(vocab), "ĠĠ": len(vocab) + 1})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ċ", "Ċ"), ("Ġ", "Ġ")]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|end_of_text|>")  # fmt: skip
+
+
+# BOS, the header's special tokens, "user" byte by byte, and the header's "\n\n" (one merged token).
+BYTE_HEADER = ["<|begin_of_text|>", "<|start_header_id|>", "u", "s", "e", "r", "<|end_header_id|>", "ĊĊ"]
+WHITESPACE_CASES = [  # caption, its tokens after the header (eot included), how many are pooled
+    ("A dog\n\nruns", ["A", "Ġ", "d", "o", "g", "ĊĊ", "r", "u", "n", "s", "<|eot_id|>"], 11),  # paragraph break kept
+    ("A dog\nruns", ["A", "Ġ", "d", "o", "g", "Ċ", "r", "u", "n", "s", "<|eot_id|>"], 11),
+    ("A   dog", ["A", "ĠĠ", "Ġ", "d", "o", "g", "<|eot_id|>"], 7),  # a run of spaces: "  " then " dog"
+    ("A\tdog", ["A", "ĉ", "d", "o", "g", "<|eot_id|>"], 6),  # a tab joins the next word's pre-token
+    ("  A dog", ["Ġ", "Ġ", "A", "Ġ", "d", "o", "g", "<|eot_id|>"], 8),  # leading whitespace kept and pooled
+    ("A dog \n\t ", ["A", "Ġ", "d", "o", "g", "<|eot_id|>"], 6),  # trailing whitespace stripped
+    ("\nA dog", ["Ċ", "A", "Ġ", "d", "o", "g", "<|eot_id|>"], 7),  # after the header's ĊĊ (3 newlines: ĊĊ Ċ)
+    ("café 東🐱", ["c", "a", "f", "Ã", "©", "Ġ", "æ", "Ŀ", "±", "ð", "Ł", "Ĳ", "±", "<|eot_id|>"], 14),  # UTF-8 bytes
+    # llm2vec's separator in a caption: every copy removed, n counts the text up to the first ("a ": 2 tokens).
+    ("a !@#$%^&*() b", ["a", "Ġ", "Ġ", "b", "<|eot_id|>"], 2),
+    ("!@#$%^&*()x", ["x", "<|eot_id|>"], 10),  # n = 0: llm2vec's [-0:] averages every token
+]
+
+
+@pytest.mark.parametrize("caption,tokens,pooled", WHITESPACE_CASES)
+def test_llama3_tokens_of_whitespace_and_non_ascii(caption, tokens, pooled):
+    """Token ids and pooled span as llm2vec 0.2.3 makes them (tests/interop/ checks the same against it)."""
+    tok = byte_tokenizer()
+    got = CaptionTokenizer(tok, 64, "", "llm2vec-llama3")([caption])
+    assert tok.convert_ids_to_tokens(got.ids[0]) == BYTE_HEADER + tokens
+    assert got.n_tokens[0] - got.pool_start[0] == pooled and not got.truncated[0]
+
+
+def test_llama3_tokens_past_max_length():
+    """More words and tokens than max_length (16): the whole sequence is cut, never the caption by words."""
+    tok = byte_tokenizer()
+    ct = CaptionTokenizer(tok, 16, "", "llm2vec-llama3")
+    got = ct(["a b c d", "a b\n\nc  d e", "a b c d e f g h i j " * 4])
+    pieces = [tok.convert_ids_to_tokens(x) for x in got.ids]
+    assert pieces[0] == BYTE_HEADER + ["a", "Ġ", "b", "Ġ", "c", "Ġ", "d", "<|eot_id|>"]  # exactly 16: whole
+    # caption + eot: 11 tokens, the sequence 19: cut at 16, eot lost, the last 11 pooled (2 header tokens too).
+    assert pieces[1] == BYTE_HEADER + ["a", "Ġ", "b", "ĊĊ", "c", "Ġ", "Ġ", "d"]
+    # 40 words: caption + eot alone past 16, all 16 tokens pooled (BOS too).
+    assert pieces[2] == BYTE_HEADER + ["a", "Ġ", "b", "Ġ", "c", "Ġ", "d", "Ġ"]
+    assert got.n_tokens.tolist() == [16, 16, 16] and got.truncated.tolist() == [False, True, True]
+    assert (got.n_tokens - got.pool_start).tolist() == [8, 11, 16]
 
 
 def test_unknown_format_and_wrong_tokenizer_are_refused(minilm_path):
