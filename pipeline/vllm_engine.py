@@ -247,6 +247,9 @@ class VllmEncoder:
         for i, r in enumerate(results):
             data = r.outputs.data.float().cpu().numpy()
             if self.task == "token_embed":
+                if data.shape[0] != lengths[i]:  # pool_start counts the ids: one state per id, or no span
+                    raise ValueError(f"vLLM returned {data.shape[0]} token states for caption {i} of {lengths[i]} "
+                                     "tokens; its pooled span cannot be the hf engine's")  # fmt: skip
                 data = pool_tokens(data, int(pool_start[i]), self.pooling)
                 if self.normalize:
                     data = data / max(float(np.linalg.norm(data)), 1e-12)

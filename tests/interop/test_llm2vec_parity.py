@@ -24,9 +24,16 @@ def by_key(ref: dict, keys: list[str]) -> np.ndarray:
     return np.asarray([index[k] for k in keys])
 
 
-def pipeline_rows(ref: dict) -> list[int]:
-    """Rows whose caption the sources pass on unchanged (they normalise whitespace before any encoder)."""
-    return [i for i, r in enumerate(ref["rows"]) if r["caption"] == " ".join(r["caption"].split())]
+def report(what: str, cos: np.ndarray, keys: list[str]) -> None:
+    below = [k for k, c in zip(keys, cos, strict=True) if c < 0.9999]
+    print(f"{what} vs llm2vec: min cosine {cos.min():.8f} (1 - min = {1 - cos.min():.1e}) over {len(cos)} captions, "
+          f"{len(below)} below 0.9999 {below}")  # fmt: skip
+
+
+def assert_same_tokens(got, ref: dict) -> None:
+    """Token ids and pooled span (the last n tokens) of every caption equal llm2vec's."""
+    assert [list(x) for x in got.ids] == ref["ids"]
+    np.testing.assert_array_equal(got.n_tokens - got.pool_start, ref["n_pooled"])
 
 
 def embed(teacher, captions_file, out, *extra, status: int = 0) -> TextCache | None:
@@ -56,15 +63,42 @@ def test_token_ids_and_pooled_span_equal_llm2vec(teacher, llm2vec_ref):
 
     ct = CaptionTokenizer(AutoTokenizer.from_pretrained(teacher), MAX_LENGTH, "", "llm2vec-llama3")
     got = ct([r["caption"] for r in llm2vec_ref["rows"]])
-    assert [list(x) for x in got.ids] == llm2vec_ref["ids"]
-    np.testing.assert_array_equal(got.n_tokens - got.pool_start, llm2vec_ref["n_pooled"])
+    assert_same_tokens(got, llm2vec_ref)
     # The long captions cover every case of llm2vec's cut: whole, sequence cut (eot lost, header pooled),
     # and caption + eot alone over max_length (BOS pooled too).
     pooled = got.n_tokens - got.pool_start
     assert got.truncated.sum() >= 10 and (got.n_tokens <= MAX_LENGTH).all()
     assert ((pooled == MAX_LENGTH) & got.truncated).any()
     assert ((pooled < MAX_LENGTH) & (pooled > MAX_LENGTH - 5) & got.truncated).any()
-    assert (got.pool_start[~got.truncated] == 5).all()  # BOS + <|start_header_id|> user <|end_header_id|> \n\n
+    texts = [r["caption"] for r in llm2vec_ref["rows"]]
+    plain = np.asarray([not t[:1].isspace() and "!@#$%^&*()" not in t for t in texts])
+    # BOS + <|start_header_id|> user <|end_header_id|> \n\n
+    assert (got.pool_start[~got.truncated & plain] == 5).all()
+
+
+def test_paragraph_captions_cover_the_whitespace_cases(teacher, llm2vec_ref):
+    """The paragraph set holds what dense caption sets are made of, and llm2vec reads it as written: each
+    caption with its whitespace collapsed has other token ids."""
+    from transformers import AutoTokenizer
+
+    from l2c.pipeline.encoder import CaptionTokenizer
+
+    rows = [i for i, r in enumerate(llm2vec_ref["rows"]) if r["kind"] == "paragraph"]
+    texts = [llm2vec_ref["rows"][i]["caption"] for i in rows]
+    for mark in ("\n\n", "\n", "  ", "\t", "\r\n", "\u00a0", "é", "京", "🐱", "!@#$%^&*()"):
+        assert any(mark in t for t in texts), mark
+    assert any(t[0].isspace() for t in texts) and any(t[-1].isspace() for t in texts)
+    words = np.asarray([len(t.split()) for t in texts])
+    lengths = np.asarray([len(llm2vec_ref["ids"][i]) for i in rows])
+    pooled = llm2vec_ref["n_pooled"][rows]
+    assert ((words < MAX_LENGTH) & (pooled == MAX_LENGTH)).any()  # past 512 tokens, under 512 words
+    assert (words > MAX_LENGTH).sum() >= 2 and (lengths[words > MAX_LENGTH] == MAX_LENGTH).all()  # cut by tokens
+    assert ((words > MAX_LENGTH) & (pooled == MAX_LENGTH)).any()
+    assert ((lengths == MAX_LENGTH) & (pooled < MAX_LENGTH) & (pooled > MAX_LENGTH - 5)).any()  # eot cut off
+    ct = CaptionTokenizer(AutoTokenizer.from_pretrained(teacher), MAX_LENGTH, "", "llm2vec-llama3")
+    collapsed = ct([" ".join(t.split()) for t in texts])
+    inner = [j for j, t in enumerate(texts) if lengths[j] < MAX_LENGTH and t.strip() != " ".join(t.split())]
+    assert len(inner) >= 8 and all(list(collapsed.ids[j]) != llm2vec_ref["ids"][rows[j]] for j in inner)
 
 
 def test_encoder_equals_llm2vec_in_float32(teacher, llm2vec_ref):
@@ -75,7 +109,7 @@ def test_encoder_equals_llm2vec_in_float32(teacher, llm2vec_ref):
     got = enc.encode(texts, batch_tokens=8192, max_batch_size=16)
     ref = llm2vec_ref["emb_float32"]
     cos = cosines(got, ref)
-    print(f"float32 encoder vs llm2vec: min cosine {cos.min():.8f} (1 - min = {1 - cos.min():.1e}) over {len(cos)} captions")
+    report("float32 encoder", cos, llm2vec_ref["keys"])
     assert cos.min() >= 0.9999
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(ref, axis=1), rtol=1e-3)
     # The check can fail: without the Llama-3 turn, or with causal attention, the vectors are others.
@@ -91,21 +125,17 @@ def test_cache_equals_llm2vec(teacher, captions_file, llm2vec_ref, tmp_path, cap
     assert s["prompt_format"] == "llm2vec-llama3" and s["released_class"] == "LlamaBiModel"
     assert "released LLM2CLIP teacher" in s["prompt_format_source"] and s["dtype"] == dtype
     keys, _, vecs = cache.load()
-    assert sorted(keys) == sorted(llm2vec_ref["keys"])
-    same = {llm2vec_ref["keys"][i] for i in pipeline_rows(llm2vec_ref)}  # the edge rows' whitespace was normalised
-    keep = np.asarray([k in same for k in keys])
-    keys, vecs = [k for k in keys if k in same], vecs[keep]
+    assert sorted(keys) == sorted(llm2vec_ref["keys"])  # every caption, its whitespace as written
     ref = llm2vec_ref[ref_key][by_key(llm2vec_ref, keys)]
     cos = cosines(vecs, ref)
     kinds = np.asarray([llm2vec_ref["rows"][i]["kind"] for i in by_key(llm2vec_ref, keys)])
-    print(f"{dtype} cache vs llm2vec: min cosine short {cos[kinds == 'short'].min():.8f}, "
-          f"dense {cos[kinds == 'dense'].min():.8f}, 1 - min = {1 - cos.min():.1e} ({len(cos)} captions)")  # fmt: skip
+    with capsys.disabled():  # the figures reach the terminal with -s
+        report(f"{dtype} cache", cos, keys)
+        print("  min by kind: " + ", ".join(f"{k} {cos[kinds == k].min():.8f}" for k in sorted(set(kinds))))
     assert cos.min() >= floor
     table = cache.read_shard(cache.shard_names[0], ["key", "n_tokens", "truncated"])
     idx = by_key(llm2vec_ref, table.column("key").to_pylist())
-    n_tokens = table.column("n_tokens").to_pylist()
-    assert [n for n, i in zip(n_tokens, idx, strict=True) if llm2vec_ref["keys"][i] in same] == [
-        len(llm2vec_ref["ids"][i]) for i in idx if llm2vec_ref["keys"][i] in same]  # fmt: skip
+    assert table.column("n_tokens").to_pylist() == [len(llm2vec_ref["ids"][i]) for i in idx]
     assert sum(table.column("truncated").to_pylist()) >= 10
 
     # Another format into the same cache is refused like another model (exit 2); cache-info shows the format.
@@ -119,6 +149,7 @@ def test_cache_equals_llm2vec(teacher, captions_file, llm2vec_ref, tmp_path, cap
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (make test-vllm)")
 def test_vllm_engine_equals_llm2vec(teacher, llm2vec_ref):
+    """vLLM is fed llm2vec's token ids and pools llm2vec's span: whitespace, paragraphs and long captions too."""
     from l2c.pipeline.vllm_engine import VllmEncoder
 
     texts = [r["caption"] for r in llm2vec_ref["rows"]]
@@ -126,11 +157,12 @@ def test_vllm_engine_equals_llm2vec(teacher, llm2vec_ref):
     try:
         assert enc.prompt_format == "llm2vec-llama3" and enc.task == "token_embed"
         assert enc.bidirectional and enc.attention_types in ([], ["encoder_only"])
-        got = enc.encode(texts)
+        got = enc.encode(texts)  # refuses a caption whose token states are not one per id
+        assert_same_tokens(enc.captions(texts), llm2vec_ref)
     finally:
         enc.shutdown()
     cos = cosines(got, llm2vec_ref["emb_float32"])
-    print(f"vllm float32 vs llm2vec: min cosine {cos.min():.8f} (1 - min = {1 - cos.min():.1e}) over {len(cos)} captions")
+    report("vllm float32 engine", cos, llm2vec_ref["keys"])
     assert cos.min() >= 0.9999
 
 
@@ -140,9 +172,10 @@ def test_vllm_cache_equals_llm2vec(teacher, captions_file, llm2vec_ref, tmp_path
     cache = embed(teacher, captions_file, tmp_path / "cache", "--dtype", "float32", "--engine", "vllm")
     assert cache.settings["engine"] == "vllm" and cache.settings["prompt_format"] == "llm2vec-llama3"
     keys, _, vecs = cache.load()
-    same = {llm2vec_ref["keys"][i] for i in pipeline_rows(llm2vec_ref)}
-    keep = np.asarray([k in same for k in keys])
-    ref = llm2vec_ref["emb_float32"][by_key(llm2vec_ref, [k for k in keys if k in same])]
-    cos = cosines(vecs[keep], ref)
-    print(f"vllm float32 cache vs llm2vec: min cosine {cos.min():.8f} (1 - min = {1 - cos.min():.1e}) over {len(cos)} captions")
-    assert len(cos) == len(same) and cos.min() >= 0.9999
+    assert sorted(keys) == sorted(llm2vec_ref["keys"])
+    cos = cosines(vecs, llm2vec_ref["emb_float32"][by_key(llm2vec_ref, keys)])
+    report("vllm float32 cache", cos, keys)
+    assert cos.min() >= 0.9999
+    table = cache.read_shard(cache.shard_names[0], ["key", "n_tokens"])
+    idx = by_key(llm2vec_ref, table.column("key").to_pylist())
+    assert table.column("n_tokens").to_pylist() == [len(llm2vec_ref["ids"][i]) for i in idx]
