@@ -23,11 +23,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python -m l2c.demo --out demo-out
+	$(BIN)/python -m l2c.apps.demo --out demo-out
 
 # Real photos: 6,000 Flickr8k train photos from ../shared/data, evaluated on the 1,000 dev photos (~30 min).
 demo-photos: install
-	$(BIN)/python -m l2c.demo_photos --out demo-photos-out
+	$(BIN)/python -m l2c.apps.demo_photos --out demo-photos-out
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -89,8 +89,9 @@ def run_cached(cfg, shards, cache, work: Path, steps: int) -> dict:
 def run_in_loop(cfg, shards, cache, captions: dict, steps: int) -> dict:
     """The same stream; the text vectors come from MiniLM run on the batch's captions at every step."""
     from l2c.cache import TextCache
-    from l2c.pipeline.encoder import TextEncoder
-    from l2c.trainer.vision.data import StreamSpec, make_loader
+    from l2c.teacher import build_text_encoder
+    from l2c.trainer.vision.data import StreamSpec
+    from l2c.trainer.vision.loader import make_loader
     from l2c.trainer.vision.loop import build_model
     from l2c.trainer.vision.loss import make_loss
     from l2c.trainer.vision.optim import make_optimizer
@@ -99,7 +100,7 @@ def run_in_loop(cfg, shards, cache, captions: dict, steps: int) -> dict:
     tc = TextCache(cache)
     model, _ = build_model(cfg, tc.dim)
     step = step_fn(model, make_optimizer(model, cfg.optim), make_loss("clip", False))
-    encoder = TextEncoder.load("minilm", max_length=512, dtype="float32")
+    encoder = build_text_encoder(tc.teacher)  # the teacher that made the cache, run as it ran
     pairing = plan_pairing(tc, shards, "auto", FIELDS, cache.parent / "index")
     spec = StreamSpec(shards=shards, pairing=pairing, image_spec=model.image_spec, batch_size=cfg.batch_size,
                       seed=0, rank=0, world_size=1, num_workers=cfg.data.workers,

@@ -76,8 +76,8 @@ def plot(res: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
+    from l2c.apps.scaling import ScalingConfig, estimate
     from l2c.config import load_config
-    from l2c.scaling import ScalingConfig, estimate
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="scaling", help="configs/NAME.yaml or a path")

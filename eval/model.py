@@ -10,6 +10,7 @@ import numpy as np
 from l2c.cache import TextCache
 from l2c.devices import pick_device
 from l2c.eval.errors import EvalError
+from l2c.meta import ModelMeta
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -31,22 +32,19 @@ def load_model(path: str | Path, device: str = "cpu"):
         raise EvalError(f"{e}; nor is it a released LLM2CLIP model directory (config.json naming LLM2CLIPModel)") from e
 
 
-def check_cache_fits_model(cache: TextCache, meta: dict) -> None:
-    """The cache must hold vectors of the encoder the model was trained on: same dim, same fingerprint."""
-    if cache.dim != int(meta["text_dim"]):
+def check_cache_fits_model(cache: TextCache, meta: ModelMeta) -> None:
+    """The cache must hold vectors of the teacher the model was trained on: same dim, same teacher identity
+    (weights, pooling, prompt format, instruction, normalisation, max_length, dtypes, attention, engine)."""
+    if cache.dim != meta.text_dim:
+        trained_on = meta.teacher.model if meta.teacher else None
         raise EvalError(
-            f"text cache {cache.dir} holds {cache.dim}-d vectors but the model's adapter takes "
-            f"{meta['text_dim']}-d vectors: the cache was made with another text encoder "
-            f"({cache.settings.get('model')!r}; the model was trained on {meta.get('text_encoder', {}).get('model')!r})"
+            f"text cache {cache.dir} holds {cache.dim}-d vectors but the model's adapter takes {meta.text_dim}-d "
+            f"vectors: the cache was made with another text encoder ({cache.teacher.model!r}; the model was trained "
+            f"on {trained_on!r})"
         )
-    want = meta.get("text_cache_fingerprint", "")
-    if want and cache.fingerprint != want:
-        raise EvalError(
-            f"text cache {cache.dir} was embedded with fingerprint {cache.fingerprint[:16]}… "
-            f"({cache.settings.get('model')!r}) but the model was trained on a cache with fingerprint "
-            f"{want[:16]}… ({meta.get('text_encoder', {}).get('model')!r}). Re-embed the eval captions with "
-            "the same text encoder and settings (model, pooling, normalize, instruction, max_length)."
-        )
+    if meta.teacher is not None:
+        meta.teacher.check_same(cache.teacher, "the model", "the cache", f"text cache {cache.dir}",
+                                "re-embed the eval captions with the model's teacher and settings (eval-suite does)")
 
 
 def adapt_texts(
@@ -59,7 +57,7 @@ def adapt_texts(
     import torch
 
     device = next(model.parameters()).device
-    out = np.empty((len(vectors), int(model.meta["embed_dim"])), np.float32)
+    out = np.empty((len(vectors), model.meta.embed_dim), np.float32)
     with torch.inference_mode():
         for start in range(0, len(vectors), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(vectors[start : start + batch_size], np.float32))

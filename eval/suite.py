@@ -4,7 +4,7 @@ For each set found under `--data DIR` (a folder per set: shards already made, or
 converted with the `make-shards --format` importers into `OUT/shards/SET`):
 
 - retrieval sets: the captions are embedded with the model's own teacher, with the settings recorded in the
-  export (`meta["text_encoder"]`), by the `embed-captions` job into `OUT/text/SET`; then `run_retrieval`
+  export (`meta.teacher`, `l2c.teacher`), by the `embed-captions` job into `OUT/text/SET`; then `run_retrieval`
   (the `eval-retrieval` code) gives recall@K both ways, written to `OUT/sets/SET/`. A set with `cra: true`
   also gets CRA on its first two captions, from the same cache.
 - zero-shot sets: class names through the OpenAI ImageNet templates, the teacher and the adapter
@@ -27,6 +27,7 @@ import typer
 
 from l2c.config import ConfigError
 from l2c.eval.errors import EvalError
+from l2c.meta import ModelMeta
 
 DEFAULT_SUITE = "eval/llm2clip"
 SUITE_JSON, SUITE_MD, SUITE_PNG = "suite.json", "suite.md", "suite.png"
@@ -176,25 +177,17 @@ def _imagenet_names(images: Path, classnames: Path | None, dest: Path) -> Path:
 # ------------------------------------------------------------------------------------- text caches
 
 
-def teacher_options(meta: dict) -> dict:
-    """`EmbedConfig` fields that re-create the model's text cache settings (its recorded `text_encoder`)."""
-    from l2c.models import resolve_model
+def teacher_options(meta: ModelMeta) -> dict:
+    """`EmbedConfig` fields that embed captions exactly as the model's teacher did (`meta.teacher`, found on this
+    machine with its fingerprint checked)."""
+    from l2c.teacher import locate
 
-    s = meta.get("text_encoder") or {}
-    if not s.get("model"):
-        raise EvalError("the model records no text encoder (meta['text_encoder'] is empty): cannot embed captions")
-    model = s.get("model_path") or s["model"]
-    try:
-        resolve_model(model)
-    except FileNotFoundError:
-        model = s["model"]  # the recorded path moved; the name (an alias) may still resolve
-    opts = {"model": str(model), "pooling": s.get("pooling"), "normalize": bool(s.get("normalize", True)),
-            "max_length": int(s.get("max_length", 512)), "instruction": s.get("instruction"),
-            "lora": s.get("lora"), "bidirectional": s.get("bidirectional"),
-            "prompt_format": s.get("prompt_format", "none")}  # fmt: skip
-    if s.get("store_dtype"):
-        opts["store_dtype"] = s["store_dtype"]
-    return opts
+    if meta.teacher is None:
+        raise EvalError("the model records no text teacher (a released model): cannot embed its captions")
+    t = locate(meta.teacher)
+    return {"model": t.model_path, "lora": t.lora, "engine": t.engine, "pooling": t.pooling, "normalize": t.normalize,
+            "max_length": t.max_length, "dtype": t.dtype, "store_dtype": t.store_dtype, "instruction": t.instruction,
+            "bidirectional": t.bidirectional if t.is_decoder else None, "prompt_format": t.prompt_format}  # fmt: skip
 
 
 class _Ray:
@@ -221,7 +214,7 @@ def _stamp(tars: list[Path]) -> dict:
     return {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in tars}
 
 
-def ensure_cache(shards: Path, cache_dir: Path, fields: list[str], meta: dict, fresh_shards: bool) -> dict:
+def ensure_cache(shards: Path, cache_dir: Path, fields: list[str], meta: ModelMeta, fresh_shards: bool) -> dict:
     """The set's caption cache, embedded with the model's teacher unless one made from these very shards (same
     files, sizes, mtimes: `OUT/text/SET.shards.json`) with the same teacher and fields is there.
     Returns {"dir", "embedded", "rows"}."""
@@ -234,10 +227,10 @@ def ensure_cache(shards: Path, cache_dir: Path, fields: list[str], meta: dict, f
     tars = _tars(shards)
     sources = expand_sources([str(p) for p in tars])  # not the folder: its rejected.jsonl is no source
     stamp_file = cache_dir.with_name(f"{cache_dir.name}.shards.json")
-    want = meta.get("text_cache_fingerprint") or (meta.get("text_encoder") or {}).get("model_fingerprint")
     if (cache_dir / MANIFEST).exists() and stamp_file.exists() and not fresh_shards:
         cache = TextCache(cache_dir)
-        if (cache.fingerprint == want and cache.fields == list(fields)
+        if (meta.teacher is not None and cache.teacher.identity() == meta.teacher.identity()
+                and cache.fields == list(fields)
                 and json.loads(stamp_file.read_text()) == _stamp(tars)
                 and all(cache.shard_for_source(s) for s in sources)):  # fmt: skip
             return {"dir": str(cache_dir), "embedded": False, "rows": len(cache)}
@@ -279,7 +272,7 @@ def _zeroshot(net, shards: Path, zs: ZeroShotSpec, base: Path, batch_size: int, 
 
     ids, names = read_classnames(base / zs.classnames)
     templates = load_templates(base / zs.templates)
-    encoder = load_text_encoder(net.meta, None, device)
+    encoder = load_text_encoder(net.meta.teacher, None, device)
     report.console.print(f"{len(names)} classes × {len(templates)} templates through {encoder.info.get('path', '')}")
     classifier = build_classifier(net, encoder, names, templates)
     del encoder
@@ -332,7 +325,7 @@ def run_suite(
     meta = net.meta
     zs_classes = base / cfg.zeroshot.classnames
     result: dict = {"suite": cfg.name, "suite_config": str(suite), "model": str(model), "model_name": _model_name(model),
-                    "data": str(data), "text_encoder": (meta.get("text_encoder") or {}).get("model"),
+                    "data": str(data), "text_encoder": meta.teacher.model if meta.teacher else None,
                     "ks": list(cfg.ks), "sets": {}, "skipped": {}, "n_embedded": 0, "n_shards_made": 0}  # fmt: skip
     try:
         for i, spec in enumerate(cfg.sets, 1):

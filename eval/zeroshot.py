@@ -1,7 +1,7 @@
 """Zero-shot classification with a trained model, as in CLIP.
 
 Every class name goes through every prompt template ("a photo of a {}."), the text encoder the
-model's text cache was made with (its settings are recorded in the model's `meta["text_encoder"]`)
+model's text cache was made with (the teacher spec recorded in the model's metadata, `meta.teacher`)
 and the model's adapter; per class the adapted prompt embeddings are averaged (normalise, mean,
 normalise), as open_clip's `build_zero_shot_classifier` does. An image is classified by its most
 similar class embedding.
@@ -16,6 +16,7 @@ import numpy as np
 
 from l2c.eval.errors import EvalError
 from l2c.eval.search import l2_normalize
+from l2c.teacher import TeacherSpec
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -56,48 +57,25 @@ def load_templates(path: str | Path | None) -> list[str]:
     return templates
 
 
-def load_text_encoder(meta: dict, text_model: str | Path | None = None, device: str | None = None,
+def load_text_encoder(teacher: TeacherSpec | None, text_model: str | Path | None = None, device: str | None = None,
                       prompt_format: str | None = None):  # fmt: skip
-    """The encoder that made the model's text cache, with the same settings (prompt format included: a cache
-    written before formats were recorded was made with `none`); its fingerprint is checked."""
-    from l2c.models import fingerprint, resolve_model
-    from l2c.pipeline.encoder import TextEncoder
+    """The teacher a model was trained on (its `meta.teacher`), found on this machine (`text_model` where it moved;
+    its fingerprint is checked) and built as it ran. A model that records no teacher (a released model) takes
+    `text_model` with its own settings and `prompt_format`."""
+    from l2c.teacher import TeacherMismatch, build_text_encoder, locate, resolve_teacher
 
-    s = meta.get("text_encoder") or {}
-    if not s.get("model") and not text_model:
-        raise EvalError(
-            "the model records no text encoder (meta['text_encoder'] is empty); pass --text-model"
-        )
-    name = text_model or s.get("model_path") or s["model"]
-    try:
-        path = resolve_model(name)
-    except FileNotFoundError:
-        if text_model or not s.get("model"):
-            raise
-        path = resolve_model(
-            s["model"]
-        )  # the recorded path moved; the name (e.g. an alias) may still resolve
-    want = meta.get("text_cache_fingerprint") or s.get("model_fingerprint")
-    if want:
-        lora = s.get("lora")
-        got = fingerprint(path, {"lora": fingerprint(lora)} if lora else None)
-        if got != want:
-            raise EvalError(
-                f"text encoder {path} has fingerprint {got[:16]}…, but the model was trained on vectors of "
-                f"{s.get('model')!r} (fingerprint {want[:16]}…); pass the right one with --text-model"
+    if teacher is None:
+        if not text_model:
+            raise EvalError("the model records no text teacher (a released model): pass --text-model")
+        spec = resolve_teacher(text_model, prompt_format=prompt_format, device_type=str(device or "cpu").split(":")[0])
+    else:
+        spec = locate(teacher, text_model)
+        if prompt_format is not None and prompt_format != spec.prompt_format:
+            raise TeacherMismatch(
+                f"--prompt-format {prompt_format}: the model's teacher ran with prompt format {spec.prompt_format!r}, "
+                "and class prompts must be embedded as its captions were; leave --prompt-format out"
             )
-    return TextEncoder.load(
-        path,
-        pooling=s.get("pooling"),
-        normalize=bool(s.get("normalize", True)),
-        max_length=int(s.get("max_length", 512)),
-        dtype=s.get("dtype", "auto"),
-        instruction=s.get("instruction"),
-        device=device,
-        bidirectional=s.get("bidirectional"),
-        lora=s.get("lora"),
-        prompt_format=prompt_format or s.get("prompt_format", "none" if s.get("model") else None),
-    )
+    return build_text_encoder(spec, device)
 
 
 def build_classifier(model, encoder, classes: list[str], templates: list[str]) -> np.ndarray:
@@ -106,9 +84,9 @@ def build_classifier(model, encoder, classes: list[str], templates: list[str]) -
 
     prompts = [t.format(c) for c in classes for t in templates]
     vectors = encoder.encode(prompts)
-    if vectors.shape[1] != int(model.meta["text_dim"]):
+    if vectors.shape[1] != model.meta.text_dim:
         raise EvalError(
-            f"text encoder gives {vectors.shape[1]}-d vectors, the adapter takes {model.meta['text_dim']}"
+            f"text encoder gives {vectors.shape[1]}-d vectors, the adapter takes {model.meta.text_dim}"
         )
     emb = adapt_texts(model, vectors).reshape(len(classes), len(templates), -1)
     return l2_normalize(l2_normalize(emb).mean(axis=1))
@@ -213,7 +191,7 @@ def run_zeroshot(
     templates = load_templates(templates_file)
     shards = expand_shards(images)
     net = load_model(model, device)
-    encoder = load_text_encoder(net.meta, text_model, device, prompt_format)
+    encoder = load_text_encoder(net.meta.teacher, text_model, device, prompt_format)
     report.console.print(
         f"{len(classes)} classes × {len(templates)} template(s) through {encoder.info.get('path', '')}"
     )

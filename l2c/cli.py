@@ -38,7 +38,7 @@ COMMAND_MODULES = (
     "l2c.trainer.text.commands",  # finetune-text
     "l2c.eval.commands",  # eval-retrieval, eval-cra, eval-zeroshot
     "l2c.eval.suite",  # eval-suite
-    "l2c.submit",  # submit (Ray Job Submission)
+    "l2c.apps.submit",  # submit (Ray Job Submission)
 )
 
 for _name in COMMAND_MODULES:

@@ -121,12 +121,32 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load `cls` from a YAML file (or defaults), then apply `key=value` overrides."""
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                flags: dict | None = None) -> T:  # fmt: skip
+    """The one path from a command line to a typed config: the YAML file (or the defaults), then `key=value`
+    overrides, then `flags` ({dotted key: value}, the options given on the command line: see `given`), each
+    winning over the one before."""
     data: dict = load_yaml(path) if path else {}
     for ov in overrides or []:
         apply_override(data, ov)
+    for key, value in (flags or {}).items():
+        *parents, last = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
     return from_dict(cls, data)
+
+
+def given(ctx, options: dict) -> dict:
+    """The entries of `options` ({config key: (option name, value)}) whose option was typed on the command line
+    (not left at its default): what `load_config(flags=...)` applies over the file and the overrides."""
+    out = {}
+    for key, (name, value) in options.items():
+        source = ctx.get_parameter_source(name) if ctx is not None else None
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            out[key] = value
+    return out
 
 
 def dump_config(obj, path: str | Path) -> None:

@@ -7,7 +7,7 @@ max_length, dtype, stored dtype, attention). Every command that puts vectors fro
 checks it with `check_same`, and every command that needs a text encoder builds it with `build_text_encoder`.
 
 >>> spec = resolve_teacher("minilm")                 # embed-captions' settings, resolved and fingerprinted
->>> spec.check_same(TextCache("cache/").teacher, this="the model", other="text cache cache/")
+>>> spec.check_same(TextCache("cache/").teacher, this="the model", that="the cache")
 >>> encoder = build_text_encoder(spec)               # TextEncoder (hf) or VllmEncoder, as the cache was made
 """
 
@@ -76,14 +76,15 @@ class TeacherSpec:
         a, b = self.identity(), other.identity()
         return [(k, a[k], b[k]) for k in IDENTITY if a[k] != b[k]]
 
-    def check_same(self, other: TeacherSpec, this: str, other_name: str, advice: str = "") -> None:
-        """Refuse, in one line naming each differing key and both values, vectors of another teacher."""
+    def check_same(self, other: TeacherSpec, this: str, that: str, subject: str = "", advice: str = "") -> None:
+        """Refuse, in one line naming each differing key and both values, vectors of another teacher:
+        `this`/`that` name self's and other's side, `subject` (default `that`) what is refused."""
         diff = self.differences(other)
         if not diff:
             return
-        what = "; ".join(f"{k}: {this} {_show(k, a)}, {other_name} {_show(k, b)}" for k, a, b in diff)
+        what = "; ".join(f"{k}: {this} {_show(k, a)}, {that} {_show(k, b)}" for k, a, b in diff)
         advice = advice or "re-embed with the same teacher and settings, or use the matching cache"
-        raise TeacherMismatch(f"{other_name} was embedded by another teacher than {this} ({what}): {advice}")
+        raise TeacherMismatch(f"{subject or that} was embedded by another teacher than {this} ({what}): {advice}")
 
     def encoder_settings(self) -> dict:
         """What a `TextEncoder` is built with (pooling, normalisation, length, instruction, prompt format)."""
@@ -194,9 +195,14 @@ def locate(spec: TeacherSpec, text_model: str | Path | None = None) -> TeacherSp
     return replace(spec, model_path=str(path))
 
 
-def build_text_encoder(spec: TeacherSpec, device: str | None = None, batch: dict | None = None):
+def build_text_encoder(spec: TeacherSpec, device: str | None = None, batch: dict | None = None, loaded=None):
     """The text encoder `spec` describes, ready to `encode` captions: `TextEncoder` for the hf engine,
-    `VllmEncoder` for vLLM (`batch`: its batch_tokens / max_batch_size)."""
+    `VllmEncoder` for vLLM (`batch`: its batch_tokens / max_batch_size). `loaded`: (model, tokenizer, info) of a
+    model already in memory (one being fine-tuned), run with the spec's settings."""
+    if loaded is not None:
+        from l2c.pipeline.encoder import TextEncoder
+
+        return TextEncoder(*loaded, **spec.encoder_settings())
     if spec.engine == "vllm":
         from l2c.pipeline.vllm_engine import VllmEncoder
 

@@ -14,7 +14,6 @@ console = Console()
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")  # `key=value` among the sources is a config override
-FLAG_FIELDS = {"text_field": "text_fields"}  # flag name -> EmbedConfig field, where they differ
 RUNNER_HELP = ("auto|local|ray: local runs the stages in this process (auto does when the job is one encoder on "
                "this machine's CPUs and no Ray is addressed or running), ray as a Ray Data job")  # fmt: skip
 
@@ -51,7 +50,7 @@ def embed_captions(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> dict:  # fmt: skip
     """Embed every (key, field) caption of SOURCES into a Parquet text cache at OUT (resumable)."""
-    from l2c.config import ConfigError, apply_override, from_dict, load_yaml
+    from l2c.config import ConfigError, given, load_config
     from l2c.pipeline.embed_job import EmbedConfig, run_embed
 
     try:
@@ -60,22 +59,26 @@ def embed_captions(
         raise typer.BadParameter(f"not JSON: {e}", param_hint="--actor-resources") from None
     if resources is not None and not isinstance(resources, dict):
         raise typer.BadParameter("expected a JSON object", param_hint="--actor-resources")
-    # one config path: the YAML file, then key=value overrides, then the flags given on the command line
-    data = load_yaml(config) if config else {}
-    for token in [t for t in sources or [] if OVERRIDE.match(t)]:
-        apply_override(data, token)
+    overrides = [t for t in sources or [] if OVERRIDE.match(t)]
     srcs = [t for t in sources or [] if not OVERRIDE.match(t)]
+    flags = given(ctx, {
+        "out": ("out", out), "model": ("model", model), "text_fields": ("text_field", text_field),
+        "key_field": ("key_field", key_field), "engine": ("engine", engine), "pooling": ("pooling", pooling),
+        "normalize": ("normalize", normalize), "max_length": ("max_length", max_length), "dtype": ("dtype", dtype),
+        "store_dtype": ("store_dtype", store_dtype), "instruction": ("instruction", instruction), "lora": ("lora", lora),
+        "bidirectional": ("bidirectional", bidirectional), "prompt_format": ("prompt_format", prompt_format),
+        "batch_tokens": ("batch_tokens", batch_tokens), "max_batch_size": ("max_batch_size", max_batch_size),
+        "num_actors": ("num_actors", num_actors), "cpus_per_actor": ("cpus_per_actor", cpus_per_actor),
+        "gpus_per_actor": ("gpus_per_actor", gpus_per_actor), "actor_resources": ("actor_resources", resources),
+        "read_actors": ("read_actors", read_actors), "ray_address": ("ray_address", ray_address),
+        "runner": ("runner", runner), "overwrite": ("overwrite", overwrite), "strict": ("strict", strict),
+        "progress": ("progress", progress),
+    })  # fmt: skip
     if srcs:
-        data["sources"] = srcs
-    given = dict(locals())
-    given["out"], given["actor_resources"] = out, resources
-    for name in [p.name for p in ctx.command.params if p.name not in ("sources", "config")]:
-        source = ctx.get_parameter_source(name)
-        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
-            data[FLAG_FIELDS.get(name, name)] = given[name]
-    if not data.get("sources"):
+        flags["sources"] = srcs
+    cfg = load_config(EmbedConfig, config, overrides, flags)
+    if not cfg.sources:
         raise ConfigError("embed-captions needs SOURCES (or `sources:` in the --config file)")
-    cfg = from_dict(EmbedConfig, data)
     summary = run_embed(cfg)
     print_embed_summary(summary)
     return summary
@@ -150,9 +153,11 @@ def cache_info(
 
 
 def embed_images(
-    sources: Annotated[list[str], typer.Argument(help="webdataset .tar shards: paths, directories, globs, {000..009} ranges, URLs")],
-    model: Annotated[str, typer.Option("--model", help="the vision tower: a transformers model directory (pretrained, or random weights saved with save_pretrained); train-vision uses it as model.vision.pretrained")],
-    out: Annotated[str, typer.Option("--out", "-o", help="image cache directory: a path or an object-store URL (s3://, gs://)")],
+    ctx: typer.Context,
+    sources: Annotated[list[str] | None, typer.Argument(help="webdataset .tar shards: paths, directories, globs, {000..009} ranges, URLs; key=value tokens are config overrides")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="the vision tower: a transformers model directory (pretrained, or random weights saved with save_pretrained); train-vision uses it as model.vision.pretrained")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="image cache directory: a path or an object-store URL (s3://, gs://)")] = None,
+    config: Annotated[str | None, typer.Option("--config", help="YAML of ImageEmbedConfig fields (configs/NAME.yaml or a path); key=value overrides apply on top, flags given on the command line win")] = None,
     patch_mean: Annotated[bool, typer.Option("--patch-mean/--no-patch-mean", help="also store the mean of the last layer's patch tokens")] = False,
     dtype: Annotated[str, typer.Option(help="auto|float32|bfloat16|float16 for the tower (auto: bf16 on GPU, fp32 on CPU)")] = "auto",
     store_dtype: Annotated[str, typer.Option(help="float32|float16 for the stored features")] = "float32",
@@ -167,14 +172,21 @@ def embed_images(
     strict: Annotated[bool, typer.Option(help="any rejected image is an error")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> dict:  # fmt: skip
-    """Cache a frozen vision tower's features for every image of SOURCES at OUT (resumable; see README)."""
+    """Cache a frozen vision tower's features for every image of SOURCES at OUT (resumable; see docs/reference.md)."""
+    from l2c.config import ConfigError, given, load_config
     from l2c.pipeline.embed_images import ImageEmbedConfig, run_embed_images
 
-    cfg = ImageEmbedConfig(
-        sources=list(sources), out=out, model=model, patch_mean=patch_mean, dtype=dtype, store_dtype=store_dtype,
-        batch_size=batch_size, decode_threads=decode_threads, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
-        gpus_per_actor=gpus_per_actor, ray_address=ray_address, runner=runner, overwrite=overwrite, strict=strict, progress=progress,
-    )  # fmt: skip
+    flags = given(ctx, {k: (k, v) for k, v in {
+        "out": out, "model": model, "patch_mean": patch_mean, "dtype": dtype, "store_dtype": store_dtype,
+        "batch_size": batch_size, "decode_threads": decode_threads, "num_actors": num_actors,
+        "cpus_per_actor": cpus_per_actor, "gpus_per_actor": gpus_per_actor, "ray_address": ray_address,
+        "runner": runner, "overwrite": overwrite, "strict": strict, "progress": progress}.items()})  # fmt: skip
+    if srcs := [t for t in sources or [] if not OVERRIDE.match(t)]:
+        flags["sources"] = srcs
+    cfg = load_config(ImageEmbedConfig, config, [t for t in sources or [] if OVERRIDE.match(t)], flags)
+    for what, value in (("SOURCES", cfg.sources), ("--model", cfg.model), ("--out", cfg.out)):
+        if not value:
+            raise ConfigError(f"embed-images needs {what} (or its key in the --config file)")
     s = run_embed_images(cfg)
     t = Table(title=f"embed-images → {s['out']}", show_header=False)
     t.add_row("shards (written / skipped / total)", f"{s['shards_written']} / {s['shards_skipped']} / {s['shards']}")

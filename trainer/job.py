@@ -13,7 +13,8 @@ from l2c.trainer.vision.config import TrainConfig
 class TrainJob:
     """A vision training run: config, inputs, run directory, and how far and where this invocation goes.
 
-    `max_steps` / `max_minutes` stop this invocation early (a checkpoint is written, `resume=True` goes on);
+    `max_steps` / `max_minutes` stop this invocation early (a checkpoint is written; running again goes on, see
+    `l2c.trainer.resume` for the policy both trainers share);
     `cfg.steps` is the length of the schedule. `workers` > 0 runs that many Ray Train workers.
     """
 
@@ -21,7 +22,8 @@ class TrainJob:
     images: str | list[str] | None  # None: the tars `image_cache` was made from
     text_cache: str | Path
     out: str | Path
-    resume: bool = False
+    resume: bool | None = None  # None: resume when `out` holds checkpoints; True: require one; False: refuse them
+    overwrite: bool = False  # remove what an earlier train-vision wrote into `out` first (nothing else)
     max_steps: int | None = None
     max_minutes: float | None = None
     workers: int = 0

@@ -21,6 +21,7 @@ def write_cache(
     fingerprint: str = "test-fingerprint",
     shard_rows: int = 0,
     store_dtype: str = "float32",
+    teacher: dict | None = None,
 ) -> Path:
     """A text cache (a directory or an object-store URL) holding the given rows, in shards of `shard_rows` (0: one)."""
     from l2c.storage import Store
@@ -43,6 +44,7 @@ def write_cache(
         "fields": list(dict.fromkeys(fields)),
         "model_fingerprint": fingerprint,
         "store_dtype": store_dtype,
+        **(teacher or {}),
     }
     Manifest(settings=settings, shards=shards).save(directory)
     return directory

@@ -86,6 +86,7 @@ def export_tiny_model(
     """A real exported model (random tiny ViT + adapter) under `run_dir/export`, trained on a cache with `settings`."""
     import torch
 
+    from l2c.teacher import TeacherSpec
     from l2c.trainer.vision.config import VisionConfig
     from l2c.trainer.vision.export import export_model
     from l2c.trainer.vision.model import L2CModel
@@ -94,7 +95,7 @@ def export_tiny_model(
     torch.manual_seed(seed)
     tower, spec, proc = build_vision_tower(VisionConfig(config=dict(TINY_VIT)))
     model = L2CModel(tower, spec, text_dim=text_dim, embed_dim=embed_dim, n_blocks=1, expansion=2).eval()
-    return export_model(model, run_dir / "export", proc, settings, settings.get("fields"))
+    return export_model(model, run_dir / "export", proc, TeacherSpec.from_dict(settings), settings.get("fields"))
 
 
 def features_by_hand(export_dir: Path, shard_paths: list[Path]):

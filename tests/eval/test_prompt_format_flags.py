@@ -10,6 +10,7 @@ import pytest
 from l2c.cache import TextCache
 from l2c.cli import main
 from l2c.eval.zeroshot import load_text_encoder
+from l2c.teacher import TeacherMismatch, TeacherSpec
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,16 @@ def test_eval_cra_embeds_with_the_released_default_or_the_flag(released, tmp_pat
 def test_zeroshot_text_encoder_follows_the_recorded_format(released):
     base = {"model": str(released), "model_path": str(released), "pooling": "mean", "normalize": True,
             "max_length": 64, "dtype": "float32"}  # fmt: skip
-    made = load_text_encoder({"text_encoder": {**base, "prompt_format": "llm2vec-llama3"}}, device="cpu")
+    made = load_text_encoder(TeacherSpec.from_dict({**base, "prompt_format": "llm2vec-llama3"}), device="cpu")
     assert made.prompt_format == "llm2vec-llama3"
-    old = load_text_encoder({"text_encoder": base}, device="cpu")  # a cache from before formats were recorded
+    old = load_text_encoder(TeacherSpec.from_dict(base), device="cpu")  # a cache from before formats were recorded
     assert old.prompt_format == "none"
-    flag = load_text_encoder({"text_encoder": base}, device="cpu", prompt_format="llm2vec-llama3")
+    # the flag may repeat the recorded format, never change it: prompts must be embedded as the captions were
+    assert load_text_encoder(TeacherSpec.from_dict(base), device="cpu", prompt_format="none").prompt_format == "none"
+    with pytest.raises(TeacherMismatch, match="ran with prompt format 'none'"):
+        load_text_encoder(TeacherSpec.from_dict(base), device="cpu", prompt_format="llm2vec-llama3")
+    # a model that records no teacher (a released one) takes --text-model with the flag
+    flag = load_text_encoder(None, str(released), device="cpu", prompt_format="llm2vec-llama3")
     assert flag.prompt_format == "llm2vec-llama3"
     a, b = made.encode(["a photo of a dog."]), old.encode(["a photo of a dog."])
     assert float((a * b).sum()) < 0.9999

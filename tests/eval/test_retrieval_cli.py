@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -70,9 +71,33 @@ def test_eval_retrieval_refuses_mismatched_cache(refused, setup, make_cache):
     wrong_dim = make_cache(keys, ["txt"] * 30, rng.standard_normal((30, 8)), fingerprint="f00d")
     refused([*args, str(wrong_dim)], "holds 8-d vectors but the model's adapter takes 16-d")
     wrong_fp = make_cache(keys, ["txt"] * 30, rng.standard_normal((30, TEXT_DIM)), fingerprint="beef")
-    refused([*args, str(wrong_fp)], "fingerprint beef")
+    refused([*args, str(wrong_fp)], "model_fingerprint: the model f00d…, the cache beef…")
     good = make_cache(keys, ["txt"] * 30, rng.standard_normal((30, TEXT_DIM)), fingerprint="f00d")
     refused([*args, str(good), "--fields", "long"], r"field .long. is not in text cache .* it holds txt")
+
+
+# every teacher identity key, changed to another valid value: the cache is refused naming the key and both values
+OTHER_TEACHER = {"engine": ("hf", "vllm"), "pooling": ("mean", "cls"), "prompt_format": ("none", "llm2vec-llama3"),
+                 "instruction": ("", "Describe the image."), "normalize": (True, False), "max_length": (512, 128),
+                 "dtype": ("float32", "bfloat16"), "store_dtype": ("float32", "float16"),
+                 "bidirectional": (True, False), "model_fingerprint": ("f00d", "beef")}  # fmt: skip
+
+
+@pytest.mark.parametrize("key", sorted(OTHER_TEACHER))
+def test_eval_retrieval_refuses_a_cache_of_another_teacher(key, refused, setup, make_cache):
+    from l2c.teacher import IDENTITY
+
+    assert set(OTHER_TEACHER) == set(IDENTITY)
+    root, samples, _ = setup
+    keys = [s["key"] for s in samples]
+    vecs = np.random.default_rng(4).standard_normal((30, TEXT_DIM))
+    mine, other = OTHER_TEACHER[key]
+    kw = {"store_dtype": other} if key == "store_dtype" else {"fingerprint": other} if key == "model_fingerprint" else {}
+    teacher = {key: other} if key not in ("store_dtype", "model_fingerprint") else {}
+    cache = make_cache(keys, ["txt"] * 30, vecs, **{"fingerprint": "f00d", **kw}, teacher=teacher)
+    shown = (lambda v: f"{v}…") if key == "model_fingerprint" else repr
+    refused(["eval-retrieval", "--model", str(root / "run"), "--images", str(root / "shards"), "--text-cache", str(cache)],
+            re.escape(f"{key}: the model {shown(mine)}, the cache {shown(other)}"))
 
 
 def test_eval_retrieval_missing_and_duplicate_keys(refused, setup, make_cache, tmp_path):

@@ -24,7 +24,7 @@ def test_open_clip_loads_the_export_and_gives_l2c_features(tmp_path):
 
     save_released(tmp_path / "released", seed=4)  # a tiny random CLIP ViT-in-LLM2CLIP model (quick_gelu)
     model = load_model(tmp_path / "released")
-    export_model(model, tmp_path / "run" / "export", None, {}, [])
+    export_model(model, tmp_path / "run" / "export", None, None, [])
     assert (
         main(["export", str(tmp_path / "run"), "--format", "open_clip", "--out", str(tmp_path / "oc")]) == 0
     )

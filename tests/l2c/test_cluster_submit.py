@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import yaml
 
+from l2c.apps.submit import command_of
 from l2c.cache import TextCache, embedding_matrix
 from l2c.cli import main
-from l2c.submit import command_of
 from tests.l2c.ray_cluster import LocalCluster, ray_without_l2c
 from tests.pipeline.conftest import caption_shards
 

@@ -47,11 +47,11 @@ def test_every_shipped_yaml_is_claimed_by_a_loader_and_valid():
     """A YAML added under configs/ without a loader here fails: nothing ships unvalidated."""
     from fnmatch import fnmatch
 
-    from l2c.cluster import load_resources, load_runtime_env
+    from l2c.apps.cluster import load_resources, load_runtime_env
+    from l2c.apps.scaling import ScalingConfig
     from l2c.config import CONFIG_DIR
     from l2c.eval.suite import SuiteConfig
     from l2c.pipeline.embed_job import EmbedConfig
-    from l2c.scaling import ScalingConfig
     from l2c.trainer.text.config import FinetuneTextConfig
     from l2c.trainer.vision.config import TrainConfig
 
@@ -85,3 +85,29 @@ def test_malformed_yaml_names_the_file_and_line(tmp_path):
 def test_unknown_nested_key_lists_the_section_keys():
     with pytest.raises(ConfigError, match=r"optim.lrr: unknown key; known: lr, betas"):
         load_config(Cfg, None, ["optim.lrr=1"])
+
+
+def test_file_then_overrides_then_typed_flags(tmp_path):
+    """One path from a command line to a typed config: the file, key=value overrides, then the flags typed."""
+    import typer
+    from typer.testing import CliRunner
+
+    from l2c.config import given, load_config
+    from l2c.trainer.text.config import FinetuneTextConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 10\n  lr: 0.001\n  batch_size: 8\nmodel:\n  path: a\n")
+    seen = {}
+    app = typer.Typer()
+
+    @app.command()
+    def cmd(ctx: typer.Context, overrides: list[str] = typer.Argument(None), steps: int = typer.Option(5, "--steps"),
+            model: str = typer.Option("minilm", "--model")):  # fmt: skip
+        flags = given(ctx, {"train.steps": ("steps", steps), "model.path": ("model", model)})
+        seen["flags"] = flags
+        seen["cfg"] = load_config(FinetuneTextConfig, path, list(overrides or []), flags)
+
+    assert CliRunner().invoke(app, ["train.lr=0.01", "train.steps=20"]).exit_code == 0
+    assert seen["flags"] == {} and (seen["cfg"].train.steps, seen["cfg"].train.lr, seen["cfg"].model.path) == (20, 0.01, "a")
+    assert CliRunner().invoke(app, ["train.steps=20", "--steps", "30"]).exit_code == 0
+    assert seen["flags"] == {"train.steps": 30} and seen["cfg"].train.steps == 30 and seen["cfg"].train.batch_size == 8

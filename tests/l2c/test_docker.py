@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from l2c.cluster import RuntimeEnvConfig
+from l2c.apps.cluster import RuntimeEnvConfig
+from l2c.apps.submit import check_command
 from l2c.config import from_dict
-from l2c.submit import check_command
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"

@@ -48,7 +48,7 @@ def test_real_photos_make_shards_embed_train_eval(shared_data, ray_local, tmp_pa
 @pytest.mark.slow
 def test_demo_driver_small(tmp_path):
     """`make demo` at a small size: every stage done, figures in eval.json, a rerun skips every stage."""
-    from l2c.demo import main as demo
+    from l2c.apps.demo import main as demo
 
     out = tmp_path / "demo"
     args = ["--out", str(out), "--n", "256", "--val-n", "64", "--no-progress", "steps=12", "batch_size=32",
@@ -82,7 +82,7 @@ def _photo_subset(shared: Path, dest: Path, n: dict[str, int]) -> Path:
 def test_photo_demo_driver_small(shared_data, tmp_path):
     """`make demo-photos` on 96 train and 32 dev photos: every stage, all five captions per dev photo, the
     shuffled-pairs control, the same eval.json schema as `make demo`; a rerun skips every stage."""
-    from l2c.demo_photos import main as demo_photos
+    from l2c.apps.demo_photos import main as demo_photos
 
     data = _photo_subset(shared_data, tmp_path / "photos", {"train": 96, "dev": 32})
     out = tmp_path / "demo-photos"
@@ -103,7 +103,7 @@ def test_photo_demo_driver_small(shared_data, tmp_path):
 
 
 def test_photo_demo_without_photos_says_where(tmp_path, capsys):
-    from l2c.demo_photos import main as demo_photos
+    from l2c.apps.demo_photos import main as demo_photos
 
     assert demo_photos(["--out", str(tmp_path / "o"), "--data", str(tmp_path / "none"), "--no-progress"]) == 1
     result = json.loads((tmp_path / "o" / "eval.json").read_text())

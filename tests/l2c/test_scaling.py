@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from l2c.apps.scaling import ScalingConfig, estimate
 from l2c.config import CONFIG_DIR, ConfigError, load_config
-from l2c.scaling import ScalingConfig, estimate
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE = json.loads((ROOT / "docs" / "bench" / "bench_node.json").read_text())  # measured by benchmarks/bench_node.py

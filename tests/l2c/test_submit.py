@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from l2c.apps.cluster import ClusterResources, load_resources, load_runtime_env
+from l2c.apps.submit import RUN_L2C, SubmitError, build_submission, cannot_run_l2c, check_command, command_of
 from l2c.cli import main
-from l2c.cluster import ClusterResources, load_resources, load_runtime_env
 from l2c.config import ConfigError, load_config
 from l2c.errors import L2CError
 from l2c.pipeline.sources import expand_sources
 from l2c.storage import Store
-from l2c.submit import RUN_L2C, SubmitError, build_submission, cannot_run_l2c, check_command, command_of
 from tests.l2c.ray_cluster import free_port
 
 

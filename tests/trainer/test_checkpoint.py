@@ -205,7 +205,7 @@ def test_text_state_round_trips_and_continues_exactly(tmp_path):
     a = fresh(0)
     for _ in range(2):
         step(*a)
-    ft.save_checkpoint(tmp_path / "run", "mntp", 2, *a, {"total": 10}, keep_last=2)
+    ft.save_checkpoint(tmp_path / "run", "mntp", 2, *a, {"total": 10}, keep=2)
     expected = [step(*a) for _ in range(2)]
 
     c = list_checkpoints(tmp_path / "run", ft.STAGES)[-1]

@@ -46,12 +46,14 @@ def result_table(result: dict, out: Path):
 
 
 def finetune_text_command(
+    ctx: typer.Context,
     model: str = typer.Option(None, "--model", help="Model directory or `minilm` (overrides model.path)."),
     pairs: list[str] = typer.Option(None, "--pairs", help="Captions JSONL/Parquet, a directory, or a text cache."),
     out: Path = typer.Option(..., "--out", help="Output directory (checkpoints, metrics, model/)."),
     config: str = typer.Option(None, "--config", help="configs/NAME.yaml or a path."),
     eval_captions: list[str] = typer.Option(None, "--eval-captions", help="Captions file(s) for CRA during training."),
-    max_steps: int = typer.Option(None, "--max-steps", help="Contrastive steps (schedule length)."),
+    steps: int = typer.Option(None, "--steps", help="Contrastive steps: the schedule's length (train.steps)."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Stop this invocation after N steps, with a checkpoint (resumable)."),
     max_minutes: float = typer.Option(None, "--max-minutes", help="Stop with a checkpoint after this wall time."),
     num_workers: int = typer.Option(None, "--num-workers", help="Ray Train workers (0: this process)."),
     ray_address: str = typer.Option(None, "--ray-address", help="Join this Ray cluster."),
@@ -66,22 +68,18 @@ def finetune_text_command(
     """Fine-tune a text encoder with a caption-contrastive loss (LLM2CLIP stage 1); writes OUT/model/."""
     from rich.console import Console
 
-    from l2c.config import load_config
+    from l2c.config import given, load_config
     from l2c.progress import ProgressBar
     from l2c.trainer.text.config import FinetuneTextConfig
     from l2c.trainer.text.finetune import finetune_text
 
-    ovr = list(overrides or [])
-    for key, value in (("model.path", model), ("train.max_steps", max_steps), ("train.max_minutes", max_minutes),
-                       ("dist.num_workers", num_workers), ("dist.ray_address", ray_address),
-                       ("model.prompt_format", prompt_format)):  # fmt: skip
-        if value is not None:
-            ovr.append(f"{key}={value}")
-    cfg = load_config(FinetuneTextConfig, config, ovr)
-    if pairs:
-        cfg.data.pairs = [str(p) for p in pairs]
-    if eval_captions:
-        cfg.eval.captions = [str(p) for p in eval_captions]
+    flags = given(ctx, {"model.path": ("model", model), "train.steps": ("steps", steps),
+                        "train.max_steps": ("max_steps", max_steps), "train.max_minutes": ("max_minutes", max_minutes),
+                        "dist.num_workers": ("num_workers", num_workers), "dist.ray_address": ("ray_address", ray_address),
+                        "model.prompt_format": ("prompt_format", prompt_format),
+                        "data.pairs": ("pairs", [str(p) for p in pairs or []]),
+                        "eval.captions": ("eval_captions", [str(p) for p in eval_captions or []])})  # fmt: skip
+    cfg = load_config(FinetuneTextConfig, config, list(overrides or []), flags)
     console = Console(stderr=True)
     with ProgressBar(rate=False, fields="loss {loss:.4f}  {rate:.1f} {unit}/s", console=console) as bar:
         result = finetune_text(cfg, out, resume=resume, overwrite=overwrite, on_step=step_reporter(bar))

@@ -98,17 +98,17 @@ class TextTrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 50
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    max_steps: int = 0  # schedule length and last step; 0: one pass over the images (epochs below)
+    steps: int = 0  # schedule length and last step; 0: one pass over the images (epochs below)
     epochs: float = 1.0
     max_minutes: float = 0.0  # stop (with a checkpoint) after this wall time; 0: no bound
-    stop_after_steps: int = 0  # stop this invocation after this step, schedule unchanged (preemption drill)
+    max_steps: int = 0  # stop this invocation after this step, schedule unchanged (--max-steps; 0: no bound)
     temperature: float = 0.05
     symmetric: bool = True  # also caption 2 -> caption 1 (CLIP-style two-way loss)
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
-    ckpt_every: int = 200
-    keep_last: int = 2
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
 
     def validate(self) -> None:
         if self.batch_size < 2:
@@ -117,10 +117,10 @@ class TextTrainConfig:
             raise ConfigError(f"train.temperature must be > 0, got {self.temperature}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"train.schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if self.keep_last < 1 or self.ckpt_every < 1 or self.log_every < 1:
-            raise ConfigError("train.keep_last, train.ckpt_every and train.log_every must be >= 1")
-        if self.max_steps < 0 or self.epochs <= 0:
-            raise ConfigError("train.max_steps must be >= 0 and train.epochs > 0")
+        if self.keep_checkpoints < 1 or self.checkpoint_every < 1 or self.log_every < 1:
+            raise ConfigError("train.keep_checkpoints, train.checkpoint_every and train.log_every must be >= 1")
+        if self.steps < 0 or self.max_steps < 0 or self.epochs <= 0:
+            raise ConfigError("train.steps and train.max_steps must be >= 0 and train.epochs > 0")
 
 
 @dataclass
@@ -168,9 +168,7 @@ class FinetuneTextConfig:
             raise ConfigError("no caption pairs: pass --pairs FILE (JSONL/Parquet captions, or a text cache)")
 
 
-# Settings whose change makes an existing checkpoint unusable (the rest may change between resumes:
-# max_steps to extend a run, eval and logging frequency, time bounds).
-RESUME_LOCKED = (
-    "model.path", "model.pooling", "model.bidirectional", "model.prompt_format", "lora", "mntp",
-    "data.pairs", "data.text_ratio", "data.text_corpus", "train.batch_size", "train.seed",
-)  # fmt: skip
+# Settings a resume may change (see l2c.trainer.resume): the schedule's length, time and step bounds of this
+# invocation, logging, checkpoint and evaluation frequency, and where the workers run.
+RESUME_SAFE = ("train.steps", "train.epochs", "train.max_steps", "train.max_minutes", "train.log_every",
+               "train.checkpoint_every", "train.keep_checkpoints", "eval", "dist")  # fmt: skip

@@ -19,7 +19,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +30,10 @@ from l2c.config import ConfigError, dump_config, from_dict, to_dict
 from l2c.trainer import checkpoint as ckpt
 from l2c.trainer import distributed as D
 from l2c.trainer.checkpoint import Checkpoint, rng_state, set_rng_state
+from l2c.trainer.resume import ResumeError, check_changes
 from l2c.trainer.runlog import RunLog, read_metrics
 from l2c.trainer.schedule import make_scheduler
-from l2c.trainer.text.config import RESUME_LOCKED, FinetuneTextConfig
+from l2c.trainer.text.config import RESUME_SAFE, FinetuneTextConfig
 
 STAGES = ("mntp", "contrastive")
 CKPT_DIR = "checkpoints"
@@ -54,13 +55,13 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in D.unwrap(model).named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out: Path, stage: str, step: int, model, optimizer, scheduler, info: dict, keep_last: int):
+def save_checkpoint(out: Path, stage: str, step: int, model, optimizer, scheduler, info: dict, keep: int):
     """`checkpoints/{stage}-{step}/` in the trainers' one format: trainable weights, optimiser, scheduler and
     every rank's RNG (gathered), written by rank 0."""
     rngs = D.all_gather_object(rng_state())
     if D.rank() == 0:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs}
-        ckpt.save_checkpoint(out, step, state, keep_last, name=stage, weights=trainable_state(model),
+        ckpt.save_checkpoint(out, step, state, keep, name=stage, weights=trainable_state(model),
                              meta={"stage": stage, **info}, order=STAGES)  # fmt: skip
     D.barrier()
 
@@ -136,7 +137,7 @@ class Run:
     deadline: float | None
     on_step: Callable[[dict], None] | None = None
     last_step: int = 0  # the contrastive stage's last step done
-    stopped_by: str = ""  # "max_minutes" (the model is still exported) or "stop_after_steps" (not)
+    stopped_by: str = ""  # "max_minutes" (the model is still exported) or "max_steps" (not)
     info: dict = field(default_factory=dict)
 
     def should_stop(self, stage: str, step: int) -> str:
@@ -144,10 +145,10 @@ class Run:
         reason = 0
         if self.deadline is not None and time.monotonic() > self.deadline:
             reason = 1
-        elif stage == "contrastive" and 0 < self.cfg.train.stop_after_steps <= step:
+        elif stage == "contrastive" and 0 < self.cfg.train.max_steps <= step:
             reason = 2
         reason = D.broadcast_int(reason)
-        return ("", "max_minutes", "stop_after_steps")[reason]
+        return ("", "max_minutes", "max_steps")[reason]
 
 
 def run_stage(
@@ -197,8 +198,8 @@ def run_stage(
         if after_step is not None:
             after_step(step)
         stop = run.should_stop(stage, step) if step < total else ""
-        if step % t.ckpt_every == 0 or step == total or stop:
-            save_checkpoint(run.out, stage, step, model, opt, sched, {"total": total}, t.keep_last)
+        if step % t.checkpoint_every == 0 or step == total or stop:
+            save_checkpoint(run.out, stage, step, model, opt, sched, {"total": total}, t.keep_checkpoints)
         if stop:
             run.stopped_by = stop
             return False
@@ -269,7 +270,8 @@ def train_worker(job: dict) -> None:
     """The whole run on one worker (rank 0 writes files). `job`: cfg (dict), out, resume, progress."""
     from transformers.utils import logging as hf_logging
 
-    from l2c.pipeline.encoder import TextEncoder, load_text_model
+    from l2c.pipeline.encoder import load_text_model
+    from l2c.teacher import TeacherSpec, build_text_encoder
     from l2c.trainer.text.data import PairSampler, load_caption_groups, load_sentences
     from l2c.trainer.text.eval import load_cra_set
     from l2c.trainer.text.loss import info_nce, pair_accuracy
@@ -314,12 +316,13 @@ def train_worker(job: dict) -> None:
             return
 
     sampler = PairSampler(groups, cfg.train.batch_size, seed, cfg.data.text_ratio, sentences)
-    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * sampler.steps_per_epoch))
+    total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * sampler.steps_per_epoch))
     model = prepare_trainable(model, cfg)
     model.to(device)
     eval_sets = [load_cra_set(p) for p in cfg.eval.captions]
-    settings = {"pooling": cfg.model.pooling, "normalize": True, "max_length": cfg.model.max_length,
-                "instruction": "", "prompt_format": info["prompt_format"]}  # fmt: skip
+    teacher = TeacherSpec(model=str(cfg.model.path), model_path=info["path"], pooling=cfg.model.pooling,
+                          prompt_format=info["prompt_format"], max_length=cfg.model.max_length, dtype=info["dtype"],
+                          bidirectional=info["bidirectional"], dim=info["dim"], is_decoder=info["is_decoder"])  # fmt: skip
 
     def evaluate(net, step: int, full: bool) -> None:
         if rank != 0 or not eval_sets:
@@ -327,8 +330,7 @@ def train_worker(job: dict) -> None:
         base = D.unwrap(net)
         was_training = base.training
         base.eval()
-        enc = TextEncoder(base, tokenizer, info, normalize=True, instruction="", **{
-            k: settings[k] for k in ("pooling", "max_length")})  # fmt: skip
+        enc = build_text_encoder(teacher, loaded=(base, tokenizer, info))
         for s in eval_sets:
             sub = s if full else s.head(cfg.eval.max_images)
             from l2c.trainer.text.eval import measure_cra
@@ -343,13 +345,12 @@ def train_worker(job: dict) -> None:
         if cfg.eval.max_images and any(len(s.keys) > cfg.eval.max_images for s in eval_sets):
             evaluate(model, 0, full=False)
 
-    encoders: dict[int, TextEncoder] = {}
+    encoders: dict = {}
 
     def step_loss(net, step):
         batch = sampler.batch(step - 1)
         if id(net) not in encoders:
-            encoders[id(net)] = TextEncoder(net, tokenizer, info, normalize=False, instruction="", **{
-                k: settings[k] for k in ("pooling", "max_length")})  # fmt: skip
+            encoders[id(net)] = build_text_encoder(replace(teacher, normalize=False), loaded=(net, tokenizer, info))
         enc = encoders[id(net)]
         mine = batch.shard(rank, n_workers)
         emb = enc.embed_batch(mine.a + mine.b)
@@ -373,9 +374,9 @@ def train_worker(job: dict) -> None:
         if finished:
             from l2c.trainer.text.export import export_text_model
 
-            settings.update(bidirectional=info["bidirectional"], is_decoder=info["is_decoder"],
-                            base_model=str(cfg.model.path), finetuned_steps=run.last_step,
-                            mntp=cfg.mntp.enabled, lora=cfg.lora.enabled)  # fmt: skip
+            settings = {**teacher.encoder_settings(), "bidirectional": info["bidirectional"],
+                        "is_decoder": info["is_decoder"], "base_model": str(cfg.model.path),
+                        "finetuned_steps": run.last_step, "mntp": cfg.mntp.enabled, "lora": cfg.lora.enabled}  # fmt: skip
             merged = export_text_model(model, tokenizer, out / "model", settings, out / "adapter")
             if cfg.eval.max_images:
                 evaluate(merged, run.last_step, full=False)
@@ -429,23 +430,12 @@ def write_summary(out: Path, cfg: FinetuneTextConfig, finished: bool, total: int
 
 
 def check_resumable(out: Path, cfg: FinetuneTextConfig) -> None:
-    """A checkpoint is reused only by a run whose locked settings match the run that wrote it."""
+    """A checkpoint is reused only by a run whose settings match the run that wrote it, but for RESUME_SAFE keys."""
     import yaml
 
     saved_path = out / "config.yaml"
-    if not saved_path.exists():
-        return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    now = to_dict(cfg)
-    for key in RESUME_LOCKED:
-        a, b = saved, now
-        for part in key.split("."):
-            a, b = (a or {}).get(part), (b or {}).get(part)
-        if a != b:
-            raise ConfigError(
-                f"{out} holds checkpoints of a run with {key}={a!r}, this run has {key}={b!r}: "
-                "use another --out, or --overwrite to start afresh"
-            )
+    if saved_path.exists():
+        check_changes(yaml.safe_load(saved_path.read_text()) or {}, to_dict(cfg), RESUME_SAFE, f"run {out}")
 
 
 def finetune_text(
@@ -472,7 +462,7 @@ def finetune_text(
     done = out / DONE
     if done.exists() and not overwrite and resume is not False:
         result = json.loads(done.read_text())
-        if result.get("complete") and cfg.train.max_steps in (0, result["total_steps"]):
+        if result.get("complete") and cfg.train.steps in (0, result["total_steps"]):
             return {**result, "already_finished": True}
     if overwrite and out.exists():
         for name in (CKPT_DIR, "adapters", "adapter", "model", "metrics.jsonl", DONE, "progress.json"):
@@ -482,9 +472,10 @@ def finetune_text(
     atomic.remove_stale_tmp(out)
     have = list_checkpoints(out)
     if resume and not have:
-        raise ConfigError(f"--resume: {out} has no checkpoint")
+        raise ResumeError(f"--resume: {out} holds no checkpoint to resume from")
     if have and resume is False:
-        raise ConfigError(f"{out} holds checkpoints (last: {have[-1].path.name}): pass --resume or --overwrite")
+        raise ResumeError(f"{out} holds checkpoints (last: {have[-1].path.name}); leave out --no-resume to "
+                          "continue the run, pass --overwrite to start it afresh, or pick a new --out")  # fmt: skip
     if have:
         check_resumable(out, cfg)
     dump_config(cfg, out / "config.yaml")

@@ -49,7 +49,11 @@ def register(app) -> None:
         out: str = typer.Option(..., "--out", help="Run directory (config, metrics, checkpoints, export): a path or an s3://, gs:// URL."),
         config: str = typer.Option(None, "--config", help="configs/NAME.yaml or a path."),
         resume: bool = typer.Option(
-            False, "--resume", help="Continue from the run directory's latest checkpoint."
+            None, "--resume/--no-resume", help="Default: continue from OUT's latest checkpoint when it has one; "
+            "--resume requires one, --no-resume refuses them (see --overwrite)."
+        ),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Remove what an earlier train-vision wrote into OUT, then start afresh."
         ),
         max_steps: int = typer.Option(
             None, "--max-steps", help="Stop this invocation after N steps (resumable)."
@@ -74,7 +78,7 @@ def register(app) -> None:
 
         cfg = load_config(TrainConfig, config, overrides or [])
         images = (images[0] if len(images) == 1 else list(images)) if images else None
-        job = TrainJob(cfg, images, text_cache, out, resume=resume, image_cache=image_cache,
+        job = TrainJob(cfg, images, text_cache, out, resume=resume, overwrite=overwrite, image_cache=image_cache,
                        max_steps=max_steps, max_minutes=max_minutes, workers=workers, ray_address=ray_address,
                        use_gpu=use_gpu, progress=not no_progress)  # fmt: skip
         print_summary(run_train_vision(job))

@@ -250,16 +250,3 @@ def _reject_stats(rejects: list) -> list[tuple]:
         kind = "shard_error" if r.reason == "unreadable_tar" else r.reason
         out.append(("stat", {kind: 1, "_example": (kind, r.detail if kind == "shard_error" else r.key)}))
     return out
-
-
-def make_loader(spec: StreamSpec, pin_memory: bool = False, prefetch_factor: int = 4):
-    """A DataLoader over `PairedStream` (or, with `spec.image_cache`, `CachedFeatureStream`); batch i comes from
-    worker i mod num_workers (in order)."""
-    from torch.utils.data import DataLoader
-
-    from l2c.trainer.vision.image_cache import CachedFeatureStream
-
-    kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if spec.num_workers else {}
-    return DataLoader(
-        (CachedFeatureStream if spec.image_cache else PairedStream)(spec), batch_size=None, num_workers=spec.num_workers, pin_memory=pin_memory, **kwargs
-    )

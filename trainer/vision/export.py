@@ -5,7 +5,7 @@ Layout::
     export/vision/               the tower (`save_pretrained`; plain `AutoModel.from_pretrained` loads it)
                                  plus its image processor
     export/heads.safetensors     visual projection, text adapter, logit scale (and SigLIP bias)
-    export/l2c_model.json        format, shapes, image preprocessing, text-cache fingerprint and settings
+    export/l2c_model.json        `l2c.meta.ModelMeta`: shapes, image preprocessing, the teacher and caption fields
 
 >>> m = load_exported("runs/demo")                 # RUN_DIR or RUN_DIR/export
 >>> x = torch.stack([m.preprocess(img) for img in images])
@@ -21,12 +21,12 @@ import torch
 
 from l2c import atomic
 from l2c.errors import L2CError
+from l2c.meta import ModelMeta
+from l2c.teacher import TeacherSpec
 from l2c.trainer.vision.model import L2CModel
 from l2c.trainer.vision.tower import ImageSpec
 from l2c.trainer.vision.transforms import eval_transform
 
-FORMAT = "l2c-model"
-VERSION = 1
 META = "l2c_model.json"
 HEADS = "heads.safetensors"
 
@@ -35,7 +35,7 @@ def export_model(
     model: L2CModel,
     out_dir: str | Path,
     processor=None,
-    cache_settings: dict | None = None,
+    teacher: TeacherSpec | None = None,
     text_fields: list[str] | None = None,
     extra: dict | None = None,
 ) -> Path:
@@ -49,38 +49,14 @@ def export_model(
         processor.save_pretrained(tmp / "vision")
     heads = {k: v.detach().float().cpu().contiguous() for k, v in model.head_state_dict().items()}
     save_file(heads, str(tmp / HEADS))
-    spec = model.image_spec
-    settings = dict(cache_settings or {})
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "vision_model_type": model.tower.config.model_type,
-        "image_size": spec.image_size,
-        "image_mean": list(spec.image_mean),
-        "image_std": list(spec.image_std),
-        "image_resize": spec.resize,
-        "image_crop": spec.crop,
-        "text_dim": model.text_dim,
-        "embed_dim": model.embed_dim,
-        "adapter": dict(model.adapter_shape),
-        "image_head": dict(model.image_head_shape),  # feature the head reads, its layers and width
-        "frozen_tower": model.frozen,
-        "logit_scale": float(model.scale().detach()),
-        "logit_scale_max": model.logit_scale_max,
-        "logit_bias": float(model.logit_bias.detach()) if model.logit_bias is not None else None,
-        "text_cache_fingerprint": settings.get("model_fingerprint", ""),
-        "text_encoder": settings,
-        "text_fields": list(text_fields if text_fields is not None else settings.get("fields", [])),
-        **(extra or {}),
-    }
-    atomic.write_json(tmp / META, meta)
+    atomic.write_json(tmp / META, ModelMeta.of(model, teacher, text_fields, extra).to_dict())
     return atomic.replace_dir(tmp, out_dir)
 
 
 class ExportedModel(L2CModel):
     """An `L2CModel` loaded from an export, with `meta` and the eval `preprocess` transform."""
 
-    meta: dict
+    meta: ModelMeta
 
     def preprocess(self, image) -> torch.Tensor:
         """PIL image -> normalised [3, H, W] tensor (resize, center crop, normalise)."""
@@ -110,28 +86,22 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
     from transformers import AutoModel
 
     root = find_export(path)
-    meta = json.loads((root / META).read_text())
-    if meta.get("format") != FORMAT or int(meta.get("version", -1)) > VERSION:
-        raise L2CError(
-            f"{root / META}: not an l2c model export this version reads ({meta.get('format')!r})"
-        )
+    meta = ModelMeta.from_dict(json.loads((root / META).read_text()), str(root / META))
     tower = AutoModel.from_pretrained(root / "vision")
-    resize = meta.get("image_resize", meta["image_size"])
-    crop = meta.get("image_crop", [meta["image_size"], meta["image_size"]])
-    spec = ImageSpec(resize, crop, list(meta["image_mean"]), list(meta["image_std"]))
+    spec = ImageSpec(meta.image_resize, meta.image_crop, list(meta.image_mean), list(meta.image_std))
     model = ExportedModel(
         tower,
         spec,
-        text_dim=int(meta["text_dim"]),
-        embed_dim=int(meta["embed_dim"]),
-        n_blocks=int(meta["adapter"]["n_blocks"]),
-        expansion=int(meta["adapter"]["expansion"]),
-        logit_scale_max=float(meta.get("logit_scale_max", 100.0)),
-        logit_bias_init=meta.get("logit_bias"),
-        frozen=bool(meta.get("frozen_tower", False)),
-        feature=meta.get("image_head", {}).get("feature", "pooled"),
-        head_layers=int(meta.get("image_head", {}).get("layers", 1)),
-        head_hidden=int(meta.get("image_head", {}).get("hidden", 0)),
+        text_dim=meta.text_dim,
+        embed_dim=meta.embed_dim,
+        n_blocks=int(meta.adapter["n_blocks"]),
+        expansion=int(meta.adapter["expansion"]),
+        logit_scale_max=meta.logit_scale_max,
+        logit_bias_init=meta.logit_bias,
+        frozen=meta.frozen_tower,
+        feature=meta.image_head.get("feature", "pooled"),
+        head_layers=int(meta.image_head.get("layers", 1)),
+        head_hidden=int(meta.image_head.get("hidden", 0)),
     )
     heads = load_file(str(root / HEADS))
     missing, unexpected = model.load_state_dict(heads, strict=False)

@@ -26,9 +26,9 @@ from l2c import atomic
 from l2c.cache import CacheError, TextCache
 from l2c.config import dump_config, to_dict
 from l2c.data.shards import expand_shards
-from l2c.errors import L2CError
 from l2c.progress import ProgressBar
 from l2c.storage import RunDir, Store
+from l2c.teacher import TeacherSpec
 from l2c.trainer import distributed as D
 from l2c.trainer.checkpoint import (
     latest_checkpoint,
@@ -39,11 +39,13 @@ from l2c.trainer.checkpoint import (
 )
 from l2c.trainer.job import TrainJob
 from l2c.trainer.plots import plot_metrics
+from l2c.trainer.resume import ResumeError, check_changes
 from l2c.trainer.runlog import RunLog
 from l2c.trainer.schedule import make_scheduler
 from l2c.trainer.vision.config import TrainConfig
-from l2c.trainer.vision.data import SKIP_KINDS, DataError, StreamSpec, make_loader
+from l2c.trainer.vision.data import SKIP_KINDS, DataError, StreamSpec
 from l2c.trainer.vision.export import export_model
+from l2c.trainer.vision.loader import make_loader
 from l2c.trainer.vision.loss import make_loss
 from l2c.trainer.vision.model import L2CModel
 from l2c.trainer.vision.optim import make_optimizer
@@ -54,8 +56,11 @@ MAX_EXAMPLES = 20
 log = logging.getLogger(__name__)
 
 
-class ResumeError(L2CError):
-    """A run directory that cannot be resumed with the given inputs."""
+# Settings a resume may change (applied from the checkpoint's step on); any other change is refused.
+RESUME_SAFE = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "torch_threads", "data.prefetch_factor")
+# What train-vision writes into its run directory (`--overwrite` removes these, nothing else).
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "curves.png", "data_skips.json", "summary.json", "export",
+               "pairing-index", "config.yaml")  # fmt: skip
 
 
 @dataclass
@@ -130,6 +135,13 @@ def check_cache(cfg: TrainConfig, cache: TextCache) -> None:
     if not cache.manifest.shards:
         raise CacheError(f"text cache {cache.dir} has no finished shards")
     cache.check_dims()
+    if cfg.model.init:  # a released-layout model exported from an l2c run records the teacher it learned from
+        from l2c.trainer.vision.released import recorded_meta
+
+        meta = recorded_meta(cfg.model.init)
+        if meta is not None and meta.teacher is not None:
+            meta.teacher.check_same(cache.teacher, f"model.init={cfg.model.init}", "the cache", f"text cache {cache.dir}",
+                                    "train on vectors of the teacher the initial model learned from")  # fmt: skip
 
 
 def _digest(prev: str, keys: list[str]) -> str:
@@ -192,6 +204,9 @@ def setup(job: TrainJob, device: str | torch.device | None = None) -> tuple[Run,
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     run = RunDir(job.out, tag=f"rank{rank}")  # an object-store --out: a local staging copy, synced at checkpoints
+    if job.overwrite and rank == 0:
+        _remove_outputs(run)
+    D.barrier()
     run.pull()
     paths = RunPaths(run.local)
 
@@ -210,27 +225,41 @@ def setup(job: TrainJob, device: str | torch.device | None = None) -> tuple[Run,
     return r, ckpt
 
 
+def _remove_outputs(run: RunDir) -> None:
+    """`--overwrite`: what an earlier train-vision wrote into the run directory, and nothing else."""
+    import shutil
+
+    if run.remote:
+        raise ResumeError(f"--overwrite: {run.display()} is in an object store; use a new --out there")
+    for name in RUN_OUTPUTS:
+        p = run.local / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def _checkpoint_to_resume(job: TrainJob, paths: RunPaths, cache: TextCache, world: int) -> dict | None:
     cfg = job.cfg
     ckpt_path = latest_checkpoint(paths.root)
-    if ckpt_path is not None and not job.resume:
-        raise ResumeError(
-            f"{paths.root} already holds checkpoints; pass --resume to continue it, or pick a new --out"
-        )
-    if not job.resume or ckpt_path is None:
+    if ckpt_path is None:
+        if job.resume:
+            raise ResumeError(f"--resume: {paths.root} holds no checkpoint to resume from")
         return None
+    if job.resume is False:
+        raise ResumeError(f"{paths.root} holds checkpoints (last: {ckpt_path.name}); leave out --no-resume to "
+                          "continue the run, pass --overwrite to start it afresh, or pick a new --out")  # fmt: skip
     ckpt = load_checkpoint(ckpt_path)
-    if ckpt["cache_fingerprint"] != cache.fingerprint:
+    if "teacher" in ckpt:
+        TeacherSpec.from_dict(ckpt["teacher"]).check_same(
+            cache.teacher, "the run", "the cache", f"text cache {cache.dir}",
+            "resume with the cache the run was trained on, or start a new run")  # fmt: skip
+    elif ckpt["cache_fingerprint"] != cache.fingerprint:  # a checkpoint from before teachers were recorded
         raise CacheError(
             f"text cache fingerprint {cache.fingerprint[:16]}… differs from the one this run was trained on "
             f"({ckpt['cache_fingerprint'][:16]}…): the vectors come from another encoder or settings; "
             "resume with the original cache, or start a new run"
         )
-    if ckpt["config"]["model"] != to_dict(cfg)["model"]:
-        raise ResumeError(
-            f"{ckpt_path} was trained with another model config; resume with the run's own "
-            f"{paths.config.name} (--config {paths.config}), or pick a new --out"
-        )
+    changed = check_changes(ckpt["config"], to_dict(cfg), RESUME_SAFE, f"run {paths.root}")
+    if changed:
+        log.info("resuming %s with %s", paths.root, "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     if (ckpt["world_size"], ckpt["num_workers"]) != (world, cfg.data.workers):
         raise ResumeError(
             f"the run was trained with {ckpt['world_size']} rank(s) x {ckpt['num_workers']} data workers; "
@@ -329,6 +358,7 @@ def checkpoint(r: Run, shards: list[str]) -> None:
         "rng": all_rng,
         "data": all_data,
         "cache_fingerprint": r.cache.fingerprint,
+        "teacher": r.cache.teacher.to_dict(),
         "world_size": r.world,
         "num_workers": r.cfg.data.workers,
         "shards": shards,
@@ -481,7 +511,7 @@ def finish(r: Run, pairing, shards: list[str], stopped_by: str) -> dict:
             r.model,
             paths.export,
             r.processor,
-            r.cache.settings,
+            r.cache.teacher,
             r.fields,
             extra={"train_steps": r.step, "samples_seen": r.samples_seen, "loss": cfg.loss.kind},
         )

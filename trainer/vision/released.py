@@ -27,6 +27,7 @@ import torch
 
 from l2c import atomic
 from l2c.errors import L2CError
+from l2c.meta import ModelMeta
 
 log = logging.getLogger(__name__)
 
@@ -196,40 +197,20 @@ def load_released(path: str | Path, device: str | torch.device = "cpu"):
     model = ExportedModel(tower, spec, text_dim=shape["text_dim"], embed_dim=shape["embed_dim"],
                           n_blocks=shape["n_blocks"], expansion=shape["expansion"])  # fmt: skip
     _load_into(model, state, p)
-    cfg = json.loads((p / "config.json").read_text())
-    meta = {
-        "format": FORMAT,
-        "version": 1,
-        "source": str(p),
-        "vision_model_type": tower.config.model_type,
-        "image_size": spec.image_size,
-        "image_mean": list(spec.image_mean),
-        "image_std": list(spec.image_std),
-        "image_resize": spec.resize,
-        "image_crop": spec.crop,
-        "text_dim": shape["text_dim"],
-        "embed_dim": shape["embed_dim"],
-        "adapter": {"n_blocks": shape["n_blocks"], "expansion": shape["expansion"]},
-        "logit_scale": float(model.scale().detach()),
-        "logit_scale_max": model.logit_scale_max,
-        "logit_bias": None,
-        "text_cache_fingerprint": "",
-        "text_encoder": {},
-        "text_fields": [],
-    }
-    recorded = cfg.get(L2C_KEY) or {}  # an l2c run exported in this layout: its teacher and fields
-    for key in (
-        "text_cache_fingerprint",
-        "text_encoder",
-        "text_fields",
-        "train_steps",
-        "samples_seen",
-        "loss",
-    ):
-        if key in recorded:
-            meta[key] = recorded[key]
+    rec = recorded_meta(p)
+    kept = {k: rec.extra[k] for k in ("train_steps", "samples_seen", "loss") if rec and k in rec.extra}
+    meta = ModelMeta.of(model, rec.teacher if rec else None, rec.text_fields if rec else [],
+                        {"source": str(p), "layout": FORMAT, **kept})  # fmt: skip
     model.meta = meta
     return model.to(device).eval()
+
+
+def recorded_meta(path: str | Path) -> ModelMeta | None:
+    """The l2c metadata (teacher, caption fields, training record) a released-layout directory carries when an
+    l2c run was exported to it (`config.json["l2c"]`), else None."""
+    p = Path(path)
+    recorded = json.loads((p / "config.json").read_text()).get(L2C_KEY)
+    return ModelMeta.from_dict(recorded, f"{p / 'config.json'} [{L2C_KEY}]") if recorded else None
 
 
 def _load_into(model, state: dict[str, torch.Tensor], where: Path, tower: bool = True) -> None:
@@ -357,7 +338,7 @@ def export_llm2clip_hf(run: str | Path, out: str | Path, code_from: str | Path |
         "text_config": {"model_type": "clip_text_model"},
         "vision_config": vision,
         "torch_dtype": "float32",
-        L2C_KEY: dict(model.meta),
+        L2C_KEY: model.meta.to_dict(),
     }
     out = Path(out)
     tmp = atomic.tmp_dir_for(out)
@@ -457,7 +438,7 @@ def export_open_clip(run: str | Path, out: str | Path) -> Path:
     tmp = atomic.tmp_dir_for(out)
     save_file(sd, str(tmp / "open_clip_model.safetensors"))
     atomic.write_json(tmp / "open_clip_config.json", {"model_cfg": cfg, "preprocess_cfg": preprocess,
-                                                      L2C_KEY: dict(getattr(model, "meta", {}))})  # fmt: skip
+                                                      L2C_KEY: model.meta.to_dict() if hasattr(model, "meta") else {}})  # fmt: skip
     return atomic.replace_dir(tmp, out)
 
 

@@ -206,7 +206,8 @@ def test_every_path_sees_the_same_samples_and_rejects(tmp_path):
 
     # train-vision: a shard-aligned cache of exactly those rows, zipped with the image stream
     from l2c.cache import TextCache
-    from l2c.trainer.vision.data import StreamSpec, make_loader
+    from l2c.trainer.vision.data import StreamSpec
+    from l2c.trainer.vision.loader import make_loader
     from l2c.trainer.vision.pairing import plan_pairing
     from l2c.trainer.vision.tower import ImageSpec
     from tests.trainer.vision.train_helpers import write_cache
@@ -266,7 +267,8 @@ def test_truncated_tar_on_every_path(tmp_path):
     with pytest.raises(EvalError, match="could not be read whole"):
         list(iter_samples([str(broken)]))
 
-    from l2c.trainer.vision.data import StreamSpec, make_loader
+    from l2c.trainer.vision.data import StreamSpec
+    from l2c.trainer.vision.loader import make_loader
     from l2c.trainer.vision.pairing import Pairing
     from l2c.trainer.vision.tower import ImageSpec
     from tests.trainer.vision.train_helpers import write_cache

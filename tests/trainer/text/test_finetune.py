@@ -57,7 +57,7 @@ def lora_run(tiny_llama, small_data, tmp_path_factory):
     cfg = make_cfg(
         tiny_llama, pairs,
         ["lora.enabled=true", "lora.r=4", "mntp.enabled=true", "mntp.steps=3", "mntp.batch_size=8",
-         "train.max_steps=4", "eval.every=2", "eval.max_images=30", "train.ckpt_every=2"],
+         "train.steps=4", "eval.every=2", "eval.max_images=30", "train.checkpoint_every=2"],
         [coco],
     )  # fmt: skip
     result = finetune_text(cfg, out)
@@ -80,7 +80,7 @@ def test_lora_run_outputs(lora_run):
     ]
     assert result["cra"]["coco"]["before"]["step"] == 0 and result["cra"]["coco"]["after"]["step"] == 4
     assert load_config(FinetuneTextConfig, out / "config.yaml") == cfg
-    assert len(list((out / "checkpoints").iterdir())) == 2  # keep_last
+    assert len(list((out / "checkpoints").iterdir())) == 2  # keep_checkpoints
 
 
 def test_reloaded_model_gives_in_memory_vectors(lora_run, small_data):
@@ -138,10 +138,10 @@ def test_resume_matches_uninterrupted_run(tiny_llama, small_data, tmp_path):
     """Stop after step 3 (checkpoint), rerun: losses of steps 4-6 equal those of a run never stopped.
     LoRA dropout makes the losses depend on the restored RNG, the cosine schedule on the restored scheduler."""
     pairs, _ = small_data
-    common = ["lora.enabled=true", "lora.r=4", "lora.dropout=0.3", "train.max_steps=6", "train.ckpt_every=2"]
+    common = ["lora.enabled=true", "lora.r=4", "lora.dropout=0.3", "train.steps=6", "train.checkpoint_every=2"]
     straight = finetune_text(make_cfg(tiny_llama, pairs, common), tmp_path / "straight")
-    stopped = finetune_text(make_cfg(tiny_llama, pairs, [*common, "train.stop_after_steps=3"]), tmp_path / "cut")
-    assert not stopped["finished"] and stopped["steps"] == 3 and stopped["stopped_by"] == "stop_after_steps"
+    stopped = finetune_text(make_cfg(tiny_llama, pairs, [*common, "train.max_steps=3"]), tmp_path / "cut")
+    assert not stopped["finished"] and stopped["steps"] == 3 and stopped["stopped_by"] == "max_steps"
     assert not (tmp_path / "cut" / "model").exists()
     resumed = finetune_text(make_cfg(tiny_llama, pairs, common), tmp_path / "cut")
     assert straight["complete"] and resumed["complete"]
@@ -156,15 +156,16 @@ def test_cli_rerun_and_refusals(refused, tiny_llama, small_data, tmp_path):
 
     pairs, _ = small_data
     out = tmp_path / "cli"
-    args = ["finetune-text", "--model", str(tiny_llama), "--pairs", str(pairs), "--out", str(out), "--max-steps", "2",
+    args = ["finetune-text", "--model", str(tiny_llama), "--pairs", str(pairs), "--out", str(out), "--steps", "2",
             "train.batch_size=4", "model.max_length=16"]  # fmt: skip
     assert main(args) == 0
     assert json.loads((out / "result.json").read_text())["steps"] == 2
     assert main(args) == 0  # a finished run is not redone
     assert len(train_losses(out)) == 2
-    refused([*args[:-2], "train.batch_size=6", "--max-steps", "3"], "train.batch_size")  # checkpoints of another setting
-    refused([*args, "--no-resume"], "--resume or --overwrite")
-    assert main([*args[:7], "--max-steps", "3", *args[9:]]) == 0  # extending resumes from step 2
+    # checkpoints of another setting: refused naming the key, the run's value and this one's
+    refused([*args[:-2], "train.batch_size=6", "--steps", "3"], "train.batch_size: run 4, now 6")
+    refused([*args, "--no-resume"], "leave out --no-resume .* --overwrite")
+    assert main([*args[:7], "--steps", "3", *args[9:]]) == 0  # extending resumes from step 2
     assert len(train_losses(out)) == 3
     assert main([*args, "--overwrite"]) == 0
     assert len(train_losses(out)) == 2
@@ -176,7 +177,7 @@ def test_ray_two_workers_match_one_process(tiny_llama, small_data, tmp_path, ray
     """2 Ray Train workers split each global batch and gather embeddings (with gradients) for the in-batch
     negatives: the losses equal a one-process run's (no dropout in a full fine-tune of the tiny Llama)."""
     pairs, _ = small_data
-    common = ["train.max_steps=3", "train.ckpt_every=10"]
+    common = ["train.steps=3", "train.checkpoint_every=10"]
     one = finetune_text(make_cfg(tiny_llama, pairs, common), tmp_path / "one")
     two = finetune_text(make_cfg(tiny_llama, pairs, [*common, "dist.num_workers=2"]), tmp_path / "two")
     assert one["complete"] and two["complete"]

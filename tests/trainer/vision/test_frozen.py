@@ -174,7 +174,7 @@ def test_mlp_head_from_real_caches_exports_a_model_eval_runs(caches, tmp_path, m
     rows = metrics(run)
     assert rows[-1]["loss"] < rows[0]["loss"]
     m = load_exported(run)
-    assert m.meta["image_head"] == {"feature": "pooled", "layers": 4, "hidden": 64} and m.meta["frozen_tower"]
+    assert m.meta.image_head == {"feature": "pooled", "layers": 4, "hidden": 64} and m.meta.frozen_tower
     assert (
         len([k for k in m.head_state_dict() if k.startswith("visual_proj.") and k.endswith(".weight")]) == 7
     )

@@ -17,6 +17,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from l2c.cli import main
 from l2c.eval.model import load_model
+from l2c.teacher import TeacherMismatch, TeacherSpec
 from l2c.trainer.job import TrainJob
 from l2c.trainer.vision.config import TrainConfig
 from l2c.trainer.vision.export import export_model, load_exported
@@ -135,14 +136,14 @@ def test_released_directory_is_an_eval_model(released):
     path, ref = released
     model = load_model(path)  # what eval-retrieval / eval-zeroshot --model DIR do
     meta = model.meta
-    assert (meta["format"], meta["text_dim"], meta["embed_dim"], meta["adapter"]) == (
+    assert (meta.extra["layout"], meta.text_dim, meta.embed_dim, meta.adapter) == (
         "llm2clip-hf",
         TEXT_DIM,
         EMBED_DIM,
         {"n_blocks": N_BLOCKS, "expansion": 2},
     )
-    assert meta["image_size"] == 32 and meta["text_cache_fingerprint"] == ""
-    assert abs(meta["logit_scale"] - float(ref.logit_scale.detach().exp())) < 1e-5
+    assert meta.image_size == 32 and meta.teacher is None and meta.fingerprint == ""
+    assert abs(meta.logit_scale - float(ref.logit_scale.detach().exp())) < 1e-5
     x, vec = pixels(), torch.randn(5, TEXT_DIM)
     d = max_diff(l2c_features(model, x, vec), released_features(ref, x, vec))
     assert d < 1e-6, d
@@ -159,8 +160,8 @@ def test_round_trip_load_eval_export_load(released, tmp_path):
     model = load_model(path)
     x, vec = pixels(), torch.randn(5, TEXT_DIM)
     want = l2c_features(model, x, vec)
-    settings = {"model": "teacher", "dim": TEXT_DIM, "fields": ["txt"], "model_fingerprint": "f00d"}
-    export_model(model, tmp_path / "run" / "export", None, settings, ["txt"])
+    teacher = TeacherSpec(model="teacher", dim=TEXT_DIM, model_fingerprint="f00d")
+    export_model(model, tmp_path / "run" / "export", None, teacher, ["txt"])
     assert (
         main(["export", str(tmp_path / "run"), "--format", "llm2clip-hf", "--out", str(tmp_path / "hf")]) == 0
     )
@@ -177,8 +178,8 @@ def test_round_trip_load_eval_export_load(released, tmp_path):
     assert again.image_spec == model.image_spec  # its preprocessor_config.json prepares images as before
     assert max_diff(l2c_features(again, x, vec), want) < 1e-6
     # the l2c run's teacher and fields travel in config.json["l2c"]
-    assert again.meta["text_cache_fingerprint"] == "f00d" and again.meta["text_encoder"] == settings
-    assert again.meta["text_fields"] == ["txt"]
+    assert again.meta.teacher == teacher and again.meta.fingerprint == "f00d"
+    assert again.meta.text_fields == ["txt"]
 
 
 def test_eval_retrieval_takes_a_released_directory(released, tmp_path):
@@ -251,6 +252,18 @@ def test_train_vision_starts_from_a_released_checkpoint(released, tmp_path):
     assert not torch.equal(out[k], start[k])
     assert not torch.equal(out["adapter.proj.weight"], start["adapter.proj.weight"])
 
+    # exported in the released layout, the run carries its teacher: starting from it on another teacher's cache
+    # (here: the same vectors said to be cls-pooled) is refused before training, naming the key
+    assert main(["export", str(run), "--format", "llm2clip-hf", "--out", str(tmp_path / "hf")]) == 0
+    from l2c.cache import Manifest
+
+    other = class_cache_for(tars, labels, tmp_path / "cls-cache", class_vectors(4, TEXT_DIM))
+    m = Manifest.load(other)
+    m.settings["pooling"] = "cls"
+    m.save(other)
+    with pytest.raises(TeacherMismatch, match="pooling: model.init=.*hf 'mean', the cache 'cls'"):
+        train(TrainJob(cfg_from(tmp_path / "hf"), [str(tars[0])], other, tmp_path / "run2", progress=False))
+
 
 def test_released_dims_that_do_not_fit_are_refused(released, tmp_path, refused):
     path, _ = released
@@ -287,7 +300,7 @@ def test_eva_checkpoint_and_other_towers_are_refused_with_one_line(released, tmp
     from tests.trainer.vision.train_helpers import TINY_VIT
 
     tower, spec, proc = build_vision_tower(VisionConfig(config=dict(TINY_VIT)))
-    export_model(L2CModel(tower, spec, text_dim=8, embed_dim=8), tmp_path / "vit" / "export", proc, {}, [])
+    export_model(L2CModel(tower, spec, text_dim=8, embed_dim=8), tmp_path / "vit" / "export", proc, None, [])
     for fmt in ("llm2clip-hf", "open_clip"):
         refused(["export", tmp_path / "vit", "--format", fmt, "--out", tmp_path / fmt],
                 rf"--format {fmt}: the model's tower is 'vit'")  # fmt: skip
@@ -306,7 +319,7 @@ def test_open_clip_export_holds_the_tower_and_projection(released, tmp_path):
     (x @ proj of ln_post(CLS), fused qkv); `make test-interop` loads it with open_clip itself."""
     path, _ = released
     model = load_model(path)
-    export_model(model, tmp_path / "run" / "export", None, {}, [])
+    export_model(model, tmp_path / "run" / "export", None, None, [])
     assert (
         main(["export", str(tmp_path / "run"), "--format", "open_clip", "--out", str(tmp_path / "oc")]) == 0
     )

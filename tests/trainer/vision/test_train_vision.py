@@ -18,6 +18,7 @@ import webdataset as wds
 from l2c.cache import CacheError, TextCache
 from l2c.cli import main
 from l2c.config import load_config
+from l2c.teacher import TeacherMismatch, TeacherSpec
 from l2c.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from l2c.trainer.job import TrainJob
 from l2c.trainer.vision.config import TrainConfig
@@ -74,7 +75,7 @@ def test_learns_class_structure_and_exports(classes, tmp_path):
     # the export classifies held-out images by their class vector through the adapter
     acc = held_out_accuracy(run, vecs)
     assert acc >= 0.6, acc  # chance is 0.25
-    assert load_exported(run).meta["text_cache_fingerprint"] == TextCache(cache).fingerprint
+    assert load_exported(run).meta.teacher == TextCache(cache).teacher
 
     # the same run on pairs whose text is shuffled across images learns nothing
     rng = np.random.default_rng(5)
@@ -101,7 +102,8 @@ def test_caption_fields_sampled_by_weight(classes, tmp_path):
     tars, _, _, cache = classes
     seen: dict[str, int] = {}
     cfg = tiny_cfg("steps=12", "data.caption_weights={txt: 3, 'json:long_caption': 1}")
-    from l2c.trainer.vision.data import StreamSpec, make_loader
+    from l2c.trainer.vision.data import StreamSpec
+    from l2c.trainer.vision.loader import make_loader
     from l2c.trainer.vision.pairing import plan_pairing
     from l2c.trainer.vision.tower import ImageSpec
 
@@ -211,18 +213,44 @@ def test_cache_and_resume_refusals(classes, tmp_path):
     with pytest.raises(CacheError, match="dim"):
         train(TrainJob(tiny_cfg("model.text_dim=32"), images, cache, tmp_path / "a", progress=False))
     train(TrainJob(tiny_cfg("steps=4"), images, cache, tmp_path / "run", max_steps=2, progress=False))
-    with pytest.raises(ResumeError, match="--resume"):
-        train(TrainJob(tiny_cfg("steps=4"), images, cache, tmp_path / "run", progress=False))
-    with pytest.raises(ResumeError, match="another model config"):
-        train(TrainJob(tiny_cfg("steps=4", "model.embed_dim=32"), images, cache, tmp_path / "run", resume=True, progress=False))
+    with pytest.raises(ResumeError, match="holds checkpoints .*leave out --no-resume"):
+        train(TrainJob(tiny_cfg("steps=4"), images, cache, tmp_path / "run", resume=False, progress=False))
+    with pytest.raises(ResumeError, match="holds no checkpoint"):
+        train(TrainJob(tiny_cfg("steps=4"), images, cache, tmp_path / "fresh", resume=True, progress=False))
+    # settings that would not take effect on resume are refused, each named with its old and new value
+    with pytest.raises(ResumeError, match=r"model.embed_dim: run 24, now 32; optim.lr: run 0.002, now 0.01"):
+        train(TrainJob(tiny_cfg("steps=4", "model.embed_dim=32", "optim.lr=1e-2"), images, cache, tmp_path / "run",
+                       progress=False))  # fmt: skip
+    with pytest.raises(ResumeError, match=r"batch_size: run 16, now 8"):
+        train(TrainJob(tiny_cfg("steps=4", "batch_size=8"), images, cache, tmp_path / "run", progress=False))
+    # a safe change applies and is recorded: the schedule is extended, config.yaml says what ran
+    done = train(TrainJob(tiny_cfg("steps=6", "log_every=3"), images, cache, tmp_path / "run", progress=False))
+    assert done["step"] == 6 and done["resumed_from"] == 2
+    assert load_config(TrainConfig, tmp_path / "run" / "config.yaml").steps == 6
     other = class_cache_for(tars, labels, tmp_path / "other", vecs, fields=("txt", "json:long_caption"))
     from l2c.cache import Manifest
 
     m = Manifest.load(other)
     m.settings["model_fingerprint"] = "another-encoder"
     m.save(other)
-    with pytest.raises(CacheError, match="fingerprint"):
+    with pytest.raises(TeacherMismatch, match="model_fingerprint: the run fp-test…, the cache another-enco"):
         train(TrainJob(tiny_cfg("steps=4"), images, other, tmp_path / "run", resume=True, progress=False))
+    # every identity key of the teacher: a resume on a cache made another way is refused, naming key and values
+    from l2c.teacher import IDENTITY
+
+    changed = {"engine": "vllm", "pooling": "cls", "prompt_format": "llm2vec-llama3", "instruction": "Describe.",
+               "normalize": False, "max_length": 64, "dtype": "bfloat16", "store_dtype": "float32",
+               "bidirectional": False, "model_fingerprint": "beef"}  # fmt: skip
+    assert set(changed) == set(IDENTITY)
+    for key, value in changed.items():
+        m = Manifest.load(other)
+        m.settings = {**Manifest.load(cache).settings, key: value}
+        m.save(other)
+        mine = TeacherSpec.from_dict(Manifest.load(cache).settings).identity()[key]
+        with pytest.raises(TeacherMismatch) as e:
+            train(TrainJob(tiny_cfg("steps=4"), images, other, tmp_path / "run", resume=True, progress=False))
+        shown = (f"{mine[:16]}…", f"{value}…") if key == "model_fingerprint" else (repr(mine), repr(value))
+        assert f"{key}: the run {shown[0]}, the cache {shown[1]}" in str(e.value), str(e.value)
     # the CLI says it in one line, exit code 2
     rc = main(["train-vision", "--images", images[0], "--text-cache", str(cache), "--out", str(tmp_path / "run"),
                f"model.vision.config={json.dumps(TINY_VIT)}"])
@@ -349,7 +377,7 @@ def test_ray_train_two_workers(classes, ray_local, tmp_path):
     ckpt = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert ckpt["world_size"] == 2 and len(ckpt["data"]) == 2
     assert ckpt["data"][0]["digest"] != ckpt["data"][1]["digest"]  # each rank reads its own shards
-    assert load_exported(tmp_path / "run").meta["embed_dim"] == 24
+    assert load_exported(tmp_path / "run").meta.embed_dim == 24
 
 
 @pytest.mark.parametrize("steps", ["0", "-5"])

@@ -1,6 +1,6 @@
 """`make demo-photos`: learning from real photos — Flickr8k, 6,000 train photos, 1,000 held-out dev photos.
 
-    python -m l2c.demo_photos --out demo-photos-out [--data ../shared/data] [overrides...]
+    python -m l2c.apps.demo_photos --out demo-photos-out [--data ../shared/data] [overrides...]
 
 Stages, each skipped when its output is already complete (a rerun resumes where the last one stopped):
 
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from l2c import atomic
-from l2c.demo import cli, console, eval_json, print_results, run_stages, train_vision, write_report
+from l2c.apps.demo import cli, console, eval_json, print_results, run_stages, train_vision, write_report
 from l2c.errors import L2CError
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the checkout
 SPLITS = {"train": "flickr8k_train_photos", "dev": "flickr8k_dev_photos"}
 FIELD = "json:captions[*]"
 
@@ -185,7 +185,7 @@ def run_photo_demo(s: PhotoDemoSettings) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m l2c.demo_photos", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m l2c.apps.demo_photos", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("demo-photos-out"))
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
                     help=f"directory holding {' and '.join(SPLITS.values())} (default ../shared/data)")

@@ -1,6 +1,6 @@
 """`make demo`: the whole job end to end on procedural data, on a laptop CPU in about ten minutes.
 
-    python -m l2c.demo --out demo-out
+    python -m l2c.apps.demo --out demo-out
 
 Stages, each skipped when its output is already complete (a rerun resumes where the last one stopped):
 
@@ -304,7 +304,7 @@ def headline(section: dict, per_field: bool = True) -> list[tuple[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m l2c.demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m l2c.apps.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory (default demo-out)")
     ap.add_argument("--n", type=int, default=5000, help="training images")
     ap.add_argument("--val-n", type=int, default=500, help="held-out images")

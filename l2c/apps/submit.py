@@ -90,7 +90,7 @@ def _default_config(name: str) -> Path | None:
 
 def build_submission(tokens: list[str], runtime_env: str | None, resources: str | None, env: list[str]) -> dict:
     """The keyword arguments of `JobSubmissionClient.submit_job` for this command line and these configs."""
-    from l2c.cluster import RESOURCES, RUNTIME_ENV, load_resources, load_runtime_env, stage_flags
+    from l2c.apps.cluster import RESOURCES, RUNTIME_ENV, load_resources, load_runtime_env, stage_flags
 
     name, args, _ = check_command(tokens)
     extra_env = {}
