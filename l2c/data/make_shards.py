@@ -8,9 +8,10 @@ Each JSONL record (e.g. `{"image_id": 139, "file": "000000000139.jpg", "captions
     json      the original record, plus `captions` (cleaned list), `long_caption` (all captions joined, unless
               the record brings its own), `width` and `height` of the stored image
 
-Nothing is dropped silently: records with a missing or unreadable image, no captions, a missing, invalid or
-duplicate id, malformed JSON lines, and image files that no record names are counted, listed with the reason
-in `OUT/rejected.jsonl` and shown in the summary; `strict=True` turns the first of them into an error.
+Nothing is dropped silently: records with a missing or unreadable image or one over PIL's decompression bomb
+limit (`image_too_large`), no captions, a missing, invalid or duplicate id, malformed JSON lines, and image
+files that no record names are counted, listed with the reason in `OUT/rejected.jsonl` and shown in the
+summary; `strict=True` turns the first of them into an error.
 
 Shards are written atomically; after each one a small `OUT/.parts/shard-NNNNNN.json` records its keys, the
 rejections before it and where to resume, so an interrupted run continues after its last finished shard.
@@ -32,6 +33,7 @@ from pathlib import Path
 from PIL import Image
 
 from l2c import atomic
+from l2c.data.images import ORIENTATION, TOO_LARGE, ImageTooLarge, open_image, to_rgb
 from l2c.data.records import BadRecord, iter_records
 from l2c.data.writer import AtomicShardWriter, encode_sample, list_shards, shard_name
 from l2c.errors import L2CError
@@ -43,9 +45,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # copied as-is; anything else is re-encoded
 REASONS = (
     "bad_json", "missing_key", "invalid_key", "duplicate_id", "no_captions", "missing_image_field",
-    "missing_file", "unreadable_image", "unreferenced_image",
+    "missing_file", "unreadable_image", TOO_LARGE, "unreferenced_image",
 )
 PARTS = ".parts"
+OUTPUT_NAMES = ("shard-*.tar", "info.json", "rejected.jsonl", PARTS)  # all that make-shards writes in OUT
 
 
 class MakeShardsError(L2CError, ValueError):
@@ -171,15 +174,19 @@ def unreferenced_images(images_dir: Path, records: list[Record], rejected: list[
 
 
 def load_image(path: Path, max_side: int | None, jpeg_quality: int) -> tuple[bytes, str, int, int]:
-    """(bytes, member extension, width, height); the file's own bytes unless it must be re-encoded."""
+    """(bytes, member extension, width, height as shown); the file's own bytes unless it must be re-encoded
+    (then as `l2c.data.images.to_rgb` shows it: EXIF orientation, 16-bit, transparency). An image over the
+    decompression bomb limit raises `ImageTooLarge` before it is decoded."""
     data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data) as img:
         img.load()  # full decode: truncated or corrupt files fail here, not in the trainer
         fmt, (w, h) = img.format, img.size
+        if img.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # shown rotated by a quarter turn
+            w, h = h, w
         too_big = max_side is not None and max(w, h) > max_side
         if fmt in KEEP_FORMATS and not too_big:
             return data, KEEP_FORMATS[fmt], w, h
-        img = img.convert("RGB")
+        img = to_rgb(img)
         if too_big:
             scale = max_side / max(w, h)
             img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)
@@ -191,6 +198,8 @@ def load_image(path: Path, max_side: int | None, jpeg_quality: int) -> tuple[byt
 def _load(record: Record, cfg: MakeShardsConfig):
     try:
         return load_image(record.path, cfg.max_side, cfg.jpeg_quality), None
+    except ImageTooLarge as e:
+        return None, str(e)
     except Exception as e:  # PIL raises many types for broken files
         return None, f"{type(e).__name__}: {e}"
 
@@ -325,14 +334,15 @@ def make_shards(
 
     todo = records[start:]
     stored_bytes = 0
-    with ProgressBar("images", enabled=show_progress) as progress, \
+    with atomic.naming(out), ProgressBar("images", enabled=show_progress) as progress, \
             AtomicShardWriter(out, cfg.shard_size, start_shard=len(parts), on_shard=on_shard) as writer:
         progress.add("make-shards", total=len(records), completed=start)
         results = _ordered_map(lambda r: _load(r, cfg), todo, cfg.workers)
         for i, (record, (image, error)) in enumerate(zip(todo, results, strict=True), start):
             position["next"] = i + 1
             if error is not None:
-                bad = _reject("unreadable_image", record.line, error, key=record.key, file=str(record.raw[cfg.image_field]))
+                reason = TOO_LARGE if error.startswith(TOO_LARGE) else "unreadable_image"
+                bad = _reject(reason, record.line, error, key=record.key, file=str(record.raw[cfg.image_field]))
                 if cfg.strict:
                     raise MakeShardsError(f"unreadable image {record.path} (line {record.line}): {error}")
                 pending_rejects.append(bad)
