@@ -18,6 +18,26 @@ def _split(values: list[str] | None) -> list[str] | None:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
+# What each eval command writes in its --out (a folder holding only these is its own earlier output).
+OUT_NAMES = {"eval-retrieval": ("eval.json", "recall_curves.png"), "eval-cra": ("eval.json", "cache"),
+             "eval-zeroshot": ("eval.json", "confusion_matrix.png")}  # fmt: skip
+
+
+def _check_out(out: Path | None, command: str) -> None:
+    """Before any work: --out is new, empty or this command's earlier output (`l2c.outputs`)."""
+    if out is not None:
+        from l2c import outputs
+
+        outputs.check(out, command, owns=OUT_NAMES[command])
+
+
+def _mark_out(out: Path | None, command: str) -> None:
+    if out is not None:
+        from l2c import outputs
+
+        outputs.mark(out, command)
+
+
 def register(app) -> None:
     @app.command("eval-retrieval")
     def eval_retrieval_cmd(
@@ -56,8 +76,10 @@ def register(app) -> None:
             ks = parse_ks(k)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--k") from e
+        _check_out(out, "eval-retrieval")
         run_retrieval(model, images, text_cache, ks, _split(fields), out, batch_size, device, backend,
                       allow_missing, ray_address, use_gpu)  # fmt: skip
+        _mark_out(out, "eval-retrieval")
 
     @app.command("eval-cra")
     def eval_cra_cmd(
@@ -103,7 +125,9 @@ def register(app) -> None:
             "max_length": max_length,
             "prompt_format": prompt_format,
         }
+        _check_out(out, "eval-cra")
         run_cra(text_cache, captions, model, query_field, gallery_field, key_field, embed, out, backend)
+        _mark_out(out, "eval-cra")
 
     @app.command("eval-zeroshot")
     def eval_zeroshot_cmd(
@@ -137,5 +161,7 @@ def register(app) -> None:
         """Zero-shot classification: class names through prompt templates, the text encoder and the adapter."""
         from l2c.eval.zeroshot import run_zeroshot
 
+        _check_out(out, "eval-zeroshot")
         run_zeroshot(model, images, classes, templates, label_field, text_model, out, batch_size, device,
                      top_confused, prompt_format)  # fmt: skip
+        _mark_out(out, "eval-zeroshot")

@@ -20,9 +20,26 @@ def fmt(x: float) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
+def rounded(obj, places: int = 4):
+    """`obj` with every float rounded for people: `places` decimals (14.000000000000002 -> 14.0), and
+    `places` significant digits below 0.01, so small numbers keep their meaning; ints, NaN and inf unchanged."""
+    if isinstance(obj, float):
+        if not math.isfinite(obj) or obj == 0:
+            return obj
+        return float(f"{obj:.{places}g}") if abs(obj) < 0.01 else round(obj, places)
+    if isinstance(obj, dict):
+        return {k: rounded(v, places) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, places) for v in obj]
+    if isinstance(obj, np.generic):
+        return rounded(obj.item(), places)
+    return obj
+
+
 def write_eval_json(out_dir: str | Path, result: dict) -> Path:
+    """OUT/eval.json with its figures rounded (`rounded`)."""
     path = Path(out_dir) / EVAL_JSON
-    atomic.write_json(path, result)
+    atomic.write_json(path, rounded(result))
     return path
 
 

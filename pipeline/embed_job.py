@@ -30,6 +30,7 @@ from l2c.cache import (
 from l2c.config import ConfigError
 from l2c.errors import L2CError
 from l2c.lock import OutputLock
+from l2c.pipeline import crosscheck
 from l2c.pipeline.runner import Runner, Stage, check_runner, encoder_layout
 from l2c.ray_utils import valid_resources
 from l2c.storage import Store
@@ -235,6 +236,7 @@ def write_shard(batch: pa.Table, out_dir: str, store_dtype: str, dim: int, stric
             table = build_table(keys, batch.column("fields")[i].as_py(), emb, _row(batch, "n_tokens", i), truncated,
                                 store_dtype)  # fmt: skip
             rows, digest = write_shard_file(store, f"{shard}.parquet", table)
+            result["key_hashes"] = crosscheck.pack(crosscheck.key_hashes(keys))  # for the cross-source check
             entry = ShardEntry(
                 file=f"{shard}.parquet", source=batch.column("source")[i].as_py(), rows=rows, sha256=digest,
                 partial=bool(batch.column("partial")[i].as_py()),
@@ -316,8 +318,12 @@ def assemble_rejects(out: Store, shards: list[str]) -> int:
 
 def open_output(url: str, command: str):
     """(store, lock): the cache directory made and locked for `command` (a second job into it is refused),
-    the temp files a killed run left removed."""
+    the temp files a killed run left removed. It may be new, empty or a cache (`l2c.outputs`), never a file,
+    a folder of other files, or inside a run or another cache."""
+    from l2c.outputs import check_store
+
     out = open_cache_store(url)
+    check_store(out, command, str(url))
     out.makedirs()
     lock = OutputLock.acquire(out, command)
     for sub in ("", REJECTED_DIR, JOURNAL_DIR):
@@ -353,7 +359,7 @@ def run_embed(cfg: EmbedConfig) -> dict:
     names = shard_names(sources)
     out, lock = open_output(cfg.out, "embed-captions")
 
-    runner = None
+    runner, stopped = None, False
     t0 = time.time()
     try:
         runner = Runner.start(cfg.runner, cfg.ray_address,
@@ -367,11 +373,29 @@ def run_embed(cfg: EmbedConfig) -> dict:
         results = Tally()
         if todo:
             results = _run_pipeline(cfg, todo, names, spec, settings, runner, lay, manifest, out)
-        n_rejects = assemble_rejects(out, [names[s] for s in sources])
+        # a key in two sources stays in the first (source order); its rows in later ones are rejected
+        order = [names[s] for s in sources]
+        dropped = crosscheck.drop_cross_duplicates(out, manifest, order, results.hashes, cfg.strict, bool(todo))
+        if dropped:
+            manifest.save(out)
+            for k, v in dropped.items():
+                results.reasons[k] = results.reasons.get(k, 0) + v
+        n_rejects = assemble_rejects(out, order)
+        empty = not results.failed and not any(manifest.shards[n].rows for n in order if n in manifest.shards)
+        if empty:  # no vector at all: its manifest goes, so a rerun with the right field starts clean
+            crosscheck.clear_empty(out, manifest, order)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM: finished shards stay, what was in flight goes
+        stopped = True
+        raise
     finally:
-        lock.release()
         if runner is not None:
             runner.stop()
+        if stopped:  # the actors are gone: their temp files can go
+            for sub in ("", REJECTED_DIR, JOURNAL_DIR):
+                out.remove_stale_tmp(sub)
+        lock.release()
+    if empty:
+        raise L2CError(crosscheck.nothing_embedded(cfg.out, sources, cfg.text_fields, cfg.key_field, results.reasons))
     return {**_summary(cfg, sources, names, manifest, results, skipped, n_rejects, time.time() - t0),
             "runner": runner.name}  # fmt: skip
 
@@ -437,16 +461,19 @@ def _size(path: str) -> int:
 
 
 class Tally:
-    """What the summary needs from this run's finished shards, summed as they arrive (the driver keeps no
-    per-shard list, so its memory does not grow with the number of shards)."""
+    """What the summary needs from this run's finished shards, summed as they arrive; per shard the driver
+    keeps only its keys' 8-byte hashes for the cross-source check (120 MB at 15M keys, see `crosscheck`)."""
 
     def __init__(self):
         self.written = self.rows = self.tokens = self.padded = 0
         self.reasons: dict[str, int] = {}
         self.failed: list[str] = []
         self.partial: list[str] = []
+        self.hashes: dict = {}  # shard -> 8-byte hashes of its keys (`crosscheck`: keys across sources)
 
     def add(self, res: dict) -> None:
+        if "key_hashes" in res:
+            self.hashes[res["shard"]] = crosscheck.unpack(res.pop("key_hashes"))
         for k, v in res.get("rejects", {}).items():
             self.reasons[k] = self.reasons.get(k, 0) + v
         e = res.get("entry", {})

@@ -62,7 +62,8 @@ def _register_make_shards(app) -> None:
         captions: Path | None = typer.Option(
             None, "--captions", help="Captions JSONL, one record per image; with --format, the set's annotation "
             "file (Urban1k: optional, its caption/ folder; imagenet: the class-names file)."),
-        out: Path = typer.Option(..., "--out", help="Output directory for shard-NNNNNN.tar, rejected.jsonl, info.json."),
+        out: Path = typer.Option(..., "--out", help="Output folder for shard-NNNNNN.tar, rejected.jsonl, "
+                                 "info.json: new, empty, or an earlier make-shards output."),
         fmt: str = typer.Option("jsonl", "--format", help="Annotation layout: jsonl, karpathy, retrieval-json, "
                                 "sharegpt4v, urban1k, docci, imagenet, xm3600 (see README)."),
         subset: str | None = typer.Option(None, "--subset", help="With --format: the official split(s) to take "
@@ -87,8 +88,9 @@ def _register_make_shards(app) -> None:
         """Convert a folder of images plus captions (a JSONL or a dataset's own layout) into webdataset shards.
 
         Bad records are counted and listed; exits 2 when nothing was written."""
+        from l2c import outputs
         from l2c.data.importers import FORMAT_NAMES, parse_splits
-        from l2c.data.make_shards import MakeShardsConfig, make_shards, print_summary
+        from l2c.data.make_shards import OUTPUT_NAMES, MakeShardsConfig, make_shards, print_summary
         from l2c.errors import L2CError
 
         if fmt not in FORMAT_NAMES:
@@ -107,11 +109,16 @@ def _register_make_shards(app) -> None:
                                split=",".join(split) if split else None)
         if workers > 0:
             cfg.workers = workers
+        outs = [out / part if part is not None else out for part in parts]
+        if split:  # OUT holds the parts: its own when it holds only them
+            outputs.check(out, "make-shards", owns=tuple(parts))
+        for part_out in outs:  # before any work: never a file, a run, a cache or a folder of other files
+            outputs.check(part_out, "make-shards", owns=OUTPUT_NAMES)
         empty = []
-        for part in parts:
+        for part, part_out in zip(parts, outs, strict=True):
             cfg.split_name = part
-            part_out = out / part if part is not None else out
             info = make_shards(images_dir, captions, part_out, cfg, overwrite=overwrite)
+            outputs.mark(part_out, "make-shards", "shards")
             print_summary(info, part_out)
             if info.get("selected_out"):
                 typer.echo(f"{info['selected_out']} record(s) outside the subset/selection: not written, not rejects")
@@ -119,6 +126,8 @@ def _register_make_shards(app) -> None:
                 typer.echo(f"{info['select_missing']} --select entr(y/ies) named no record")
             if info["written"] == 0:
                 empty.append(_nothing_written(info, part_out))
+        if split:
+            outputs.mark(out, "make-shards", "split")
         if empty:
             raise L2CError("; ".join(empty))
 

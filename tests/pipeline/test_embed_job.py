@@ -130,7 +130,8 @@ def test_kill_9_mid_job_then_rerun_equals_uninterrupted(ray_local, tmp_path, min
 
 def test_make_shards_output_dir_and_an_empty_source(ray_local, minilm_path, tmp_path):
     """A directory as make-shards leaves it (tars + info.json + rejected.jsonl) embeds its tars only; a
-    source with no usable caption gives an empty shard, not a crash."""
+    source with no usable caption beside one with captions gives an empty shard, not a crash (a job whose
+    sources yield nothing at all is an error: tests/pipeline/test_crosscheck.py)."""
     src = tmp_path / "src"
     caption_shards(src, n_shards=1, per_shard=4)
     (src / "info.json").write_text(json.dumps({"shards": 1}))
@@ -139,9 +140,13 @@ def test_make_shards_output_dir_and_an_empty_source(ray_local, minilm_path, tmp_
     assert s["shards_written"] == 1 and TextCache(tmp_path / "cache").shard_names == ["shard-000"]
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"image_id": "a", "caption": ""}) + "\n")
-    s = embed([empty], tmp_path / "cache2", model=str(minilm_path), key_field="image_id", text_fields=["caption"])
+    full = tmp_path / "full.jsonl"
+    full.write_text(json.dumps({"image_id": "b", "caption": "a dog on grass"}) + "\n")
+    s = embed([empty, full], tmp_path / "cache2", model=str(minilm_path), key_field="image_id",
+              text_fields=["caption"])  # fmt: skip
     c = TextCache(tmp_path / "cache2")
-    assert s["shards_written"] == 1 and len(c) == 0 and c.validate() == []
+    assert s["shards_written"] == 2 and len(c) == 1 and c.validate() == []
+    assert c.manifest.shards["empty"].rows == 0 and c.manifest.shards["empty"].n_rejected == 1
 
 
 def test_damaged_tar_embeds_its_readable_samples_and_is_retried(ray_local, minilm_path, tmp_path):

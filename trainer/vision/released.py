@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from l2c import atomic
+from l2c import atomic, outputs
 from l2c.errors import L2CError
 from l2c.meta import ModelMeta
 
@@ -314,6 +314,11 @@ def export_llm2clip_hf(run: str | Path, out: str | Path, code_from: str | Path |
 
     from l2c.trainer.vision.export import load_exported
 
+    out = outputs.check(out, "export")  # before any work: never a file, a run, a cache or a foreign folder
+    code = [Path(code_from) / name for name in ("configuration_clip.py", "modeling_clip.py")] if code_from else []
+    for f in code:
+        if not f.is_file():
+            raise ReleasedModelError(f"--code-from {code_from}: no {f.name} there (a released model directory has it)")
     model = load_exported(run)
     _linear_clip(model, FORMAT)
     n = model.adapter_shape["n_blocks"]
@@ -340,20 +345,14 @@ def export_llm2clip_hf(run: str | Path, out: str | Path, code_from: str | Path |
         "torch_dtype": "float32",
         L2C_KEY: model.meta.to_dict(),
     }
-    out = Path(out)
-    tmp = atomic.tmp_dir_for(out)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    atomic.write_json(tmp / "config.json", config)
-    _processor(model.image_spec).save_pretrained(tmp)
-    if code_from:
-        src = Path(code_from)
-        for name in ("configuration_clip.py", "modeling_clip.py"):
-            if not (src / name).is_file():
-                raise ReleasedModelError(
-                    f"--code-from {src}: no {name} there (a released model directory has it)"
-                )
-            atomic.write_bytes(tmp / name, (src / name).read_bytes())
-    return atomic.replace_dir(tmp, out)
+    with atomic.atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic.write_json(tmp / "config.json", config)
+        _processor(model.image_spec).save_pretrained(tmp)
+        for f in code:
+            atomic.write_bytes(tmp / f.name, f.read_bytes())
+        outputs.mark(tmp, "export", FORMAT)
+    return out
 
 
 def open_clip_state(model) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -425,6 +424,7 @@ def export_open_clip(run: str | Path, out: str | Path) -> Path:
 
     from l2c.trainer.vision.export import load_exported
 
+    out = outputs.check(out, "export")  # before any work: never a file, a run, a cache or a foreign folder
     model = load_exported(run) if not hasattr(run, "state_dict") else run
     cfg, sd = open_clip_state(model)
     spec = model.image_spec
@@ -434,12 +434,12 @@ def export_open_clip(run: str | Path, out: str | Path) -> Path:
         )
     preprocess = {"size": spec.image_size, "mean": list(spec.image_mean), "std": list(spec.image_std),
                   "interpolation": "bicubic", "resize_mode": "shortest"}  # fmt: skip
-    out = Path(out)
-    tmp = atomic.tmp_dir_for(out)
-    save_file(sd, str(tmp / "open_clip_model.safetensors"))
-    atomic.write_json(tmp / "open_clip_config.json", {"model_cfg": cfg, "preprocess_cfg": preprocess,
-                                                      L2C_KEY: model.meta.to_dict() if hasattr(model, "meta") else {}})  # fmt: skip
-    return atomic.replace_dir(tmp, out)
+    with atomic.atomic_dir(out) as tmp:
+        save_file(sd, str(tmp / "open_clip_model.safetensors"))
+        atomic.write_json(tmp / "open_clip_config.json", {"model_cfg": cfg, "preprocess_cfg": preprocess,
+                                                          L2C_KEY: model.meta.to_dict() if hasattr(model, "meta") else {}})  # fmt: skip
+        outputs.mark(tmp, "export", "open_clip")
+    return out
 
 
 # --- the command ------------------------------------------------------------------------------------
@@ -454,7 +454,10 @@ def register(app) -> None:
         fmt: str = typer.Option(
             ..., "--format", help="llm2clip-hf (the released LLM2CLIPModel layout) or open_clip."
         ),
-        out: str = typer.Option(..., "--out", help="Directory to write (replaced only once complete)."),
+        out: str = typer.Option(
+            ..., "--out", help="A new or empty folder, or an earlier export (replaced only once complete); "
+            "never a file, a run directory or a folder of other files."
+        ),
         code_from: str = typer.Option(
             None,
             "--code-from",
