@@ -459,6 +459,14 @@ def finetune_text(
             "checkpoints); use a path every node mounts, and copy the result to object storage"
         )
     out = Path(Store(out).root)
+    out.mkdir(parents=True, exist_ok=True)
+    from l2c.lock import OutputLock
+
+    with OutputLock.acquire(Store(out), "finetune-text"):  # a second run into OUT is refused at once
+        return _finetune_text(cfg, out, resume, overwrite, on_step)
+
+
+def _finetune_text(cfg: FinetuneTextConfig, out: Path, resume: bool | None, overwrite: bool, on_step) -> dict:
     done = out / DONE
     if done.exists() and not overwrite and resume is not False:
         result = json.loads(done.read_text())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -26,6 +27,7 @@ from l2c import atomic
 from l2c.cache import CacheError, TextCache
 from l2c.config import dump_config, to_dict
 from l2c.data.shards import expand_shards
+from l2c.errors import JobFailed, L2CError
 from l2c.progress import ProgressBar
 from l2c.storage import RunDir, Store
 from l2c.teacher import TeacherSpec
@@ -43,7 +45,7 @@ from l2c.trainer.resume import ResumeError, check_changes
 from l2c.trainer.runlog import RunLog
 from l2c.trainer.schedule import make_scheduler
 from l2c.trainer.vision.config import TrainConfig
-from l2c.trainer.vision.data import SKIP_KINDS, DataError, StreamSpec
+from l2c.trainer.vision.data import SKIP_KINDS, StreamSpec
 from l2c.trainer.vision.export import export_model
 from l2c.trainer.vision.loader import make_loader
 from l2c.trainer.vision.loss import make_loss
@@ -328,10 +330,16 @@ def train_step(r: Run, batch: dict, autocast) -> torch.Tensor:
     with autocast:
         img, txt, scale, bias = r.net(pixels, vectors, features=feats)
         loss = r.loss_fn(img, txt, scale, bias)
+    if not torch.isfinite(loss.detach()):
+        raise NonFinite(f"step {r.step + 1}: the loss is {float(loss.detach())}; the run stops here (its last checkpoint is "
+                        f"the last good state; lower optim.lr or check the text cache with `l2c cache-info`)")  # fmt: skip
     r.opt.zero_grad(set_to_none=True)
     loss.backward()  # bf16 autocast needs no loss scaling
-    if r.cfg.optim.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(r.model.parameters(), r.cfg.optim.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), r.cfg.optim.grad_clip or float("inf"))
+    if not torch.isfinite(norm):
+        bad = next((n for n, p in r.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()), "?")
+        raise NonFinite(f"step {r.step + 1}: the gradient of {bad} is not finite (loss {float(loss):.4g}); the run "
+                        "stops here (its last checkpoint is the last good state; lower optim.lr)")  # fmt: skip
     r.opt.step()
     r.sched.step()
     r.step += 1
@@ -369,10 +377,30 @@ def checkpoint(r: Run, shards: list[str]) -> None:
     log.info("checkpoint at step %d in %s", r.step, r.run.display("checkpoints"))
 
 
+class NonFinite(JobFailed):
+    """A non-finite loss or gradient: the run stops (exit 1), its last checkpoint is the last good state."""
+
+
 def train(job: TrainJob, device: str | torch.device | None = None, on_step=None, report=None) -> dict:
-    """Train (or resume) `job`; see `_train`. SIGTERM stops it cleanly (data workers included)."""
-    with _sigterm_exits():
+    """Train (or resume) `job`; see `_train`. SIGTERM stops it cleanly (data workers included). The run
+    directory is locked for the run (a second train-vision into it is refused at once)."""
+    with _sigterm_exits(), _run_lock(job):
         return _train(job, device, on_step, report)
+
+
+@contextmanager
+def _run_lock(job: TrainJob):
+    """`OUT/.l2c-lock.json` held by this process (rank 0 of a run started here; a Ray Train driver holds it for
+    its workers), taken over from a holder that died on this host."""
+    if job.extra.get("locked") or int(os.environ.get("RANK", "0")) != 0 or D.rank() != 0:
+        yield
+        return
+    from l2c.lock import OutputLock
+
+    out = Store(job.out)
+    out.makedirs()
+    with OutputLock.acquire(out, "train-vision"):
+        yield
 
 
 def _train(job: TrainJob, device: str | torch.device | None = None, on_step=None, report=None) -> dict:
@@ -400,9 +428,13 @@ def _train(job: TrainJob, device: str | torch.device | None = None, on_step=None
     win = Counter()  # data wait, step time and images since the last logged step
     stopped_by = "steps"
     t_prev = time.perf_counter()
+    _warn_coverage(r, shards)
+    warned = False
     with prog:
         while r.step < last:
             batch = _next_batch(it)
+            if not warned and len(set(batch["keys"])) < len(batch["keys"]):
+                warned = _warn_repeats(r, batch["keys"])
             t_data = time.perf_counter()
             loss = train_step(r, batch, autocast)
             t_end = time.perf_counter()
@@ -431,6 +463,29 @@ def _train(job: TrainJob, device: str | torch.device | None = None, on_step=None
     return finish(r, pairing, shards, stopped_by)
 
 
+def _warn_repeats(r: Run, keys: list[str]) -> bool:
+    """A batch holding an image more than once: its copies are false negatives to each other."""
+    log.warning("batch_size %d is more than the images a data worker has per epoch: a batch holds %d distinct images "
+                "(each about %.1f times), and copies of one image count as negatives of each other; lower batch_size "
+                "or data.workers", r.cfg.batch_size, len(set(keys)), len(keys) / max(1, len(set(keys))))  # fmt: skip
+    return True
+
+
+def _warn_coverage(r: Run, shards: list[str]) -> None:
+    """A schedule that does not see each image once (estimated from the cache rows of these tars' shards)."""
+    if not r.main:
+        return
+    named = [r.cache.shard_for_source(u) for u in shards]
+    first = next((n for n in named if n and r.cache.manifest.shards[n].rows), None) or r.cache.shard_names[0]
+    keys = r.cache.read_shard(first, ["key"]).column("key")
+    per_key = max(1.0, len(keys) / max(1, len(keys.unique())))  # rows per image: captions per key
+    rows = sum(r.cache.manifest.shards[n].rows for n in named if n) if all(named) else len(r.cache)
+    images, seen = int(rows / per_key), r.cfg.steps * r.cfg.batch_size * r.world
+    if images and seen < images:
+        log.warning("steps x batch_size = %d samples, fewer than the ~%d images of the data: the run will see about "
+                    "%.0f%% of them once", seen, images, 100 * seen / images)  # fmt: skip
+
+
 def _input_shards(r: Run) -> list[str]:
     """The image tars (--images; with only --image-cache, the tars it was made from), the image cache checked."""
     if not getattr(r.job, "image_cache", None):
@@ -446,14 +501,15 @@ def _input_shards(r: Run) -> list[str]:
 
 
 def _next_batch(it) -> dict:
-    """The next batch; a `DataError` raised in a data worker comes back as its own one-line message."""
+    """The next batch; an `L2CError` raised in a data worker (bad data, a damaged cache shard) comes back as its
+    own one-line message."""
     try:
         return next(it)
-    except DataError as e:
+    except L2CError as e:
         lines = str(e).strip().splitlines()
         last = lines[-1] if lines else str(e)
-        prefix = f"{DataError.__module__}.{DataError.__name__}: "
-        raise DataError(last[len(prefix) :] if last.startswith(prefix) else last) from None
+        prefix = f"{type(e).__module__}.{type(e).__name__}: "
+        raise type(e)(last[len(prefix) :] if last.startswith(prefix) else last) from None
 
 
 @contextmanager
@@ -562,8 +618,12 @@ def train_on_ray(job: TrainJob) -> dict:
     # absolute paths or URLs: workers run elsewhere
     job = replace(job, text_cache=Store(job.text_cache).url, out=run.url, progress=False,
                   image_cache=Store(job.image_cache).url if job.image_cache else None)
-    launch(_ray_worker, {"job": job}, name="train-vision", workers=job.workers, storage=storage,
-           use_gpu=job.use_gpu, ray_address=job.ray_address)  # fmt: skip
+    from l2c.lock import OutputLock
+
+    job = replace(job, extra={**job.extra, "locked": True})  # the driver holds the run's lock for its workers
+    with OutputLock.acquire(run, "train-vision"):
+        launch(_ray_worker, {"job": job}, name="train-vision", workers=job.workers, storage=storage,
+               use_gpu=job.use_gpu, ray_address=job.ray_address)  # fmt: skip
     return json.loads(run.read_text("summary.json"))
 
 

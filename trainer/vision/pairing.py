@@ -82,6 +82,7 @@ class Pairing:
             table.column("field").to_pylist(),
             embedding_matrix(table),
         )
+        check_finite(vecs, keys, flds, f"text cache {cache.dir} shard {name}")
         order: list[str] = []
         where: dict[str, int] = {}
         groups: list[dict[str, np.ndarray]] = []
@@ -181,6 +182,17 @@ class Pairing:
         return self._pair_join(url, samples)
 
 
+def check_finite(vecs: np.ndarray, keys: list[str], fields: list[str], where: str) -> None:
+    """Refuse vectors holding NaN or inf (a damaged shard) before any of them reaches a training step."""
+    bad = np.flatnonzero(~np.isfinite(vecs).all(axis=1))
+    if len(bad):
+        i = int(bad[0])
+        raise CacheError(
+            f"{where}: {len(bad)} vector(s) are not finite (first: key {keys[i]!r}, field {fields[i]!r}); the shard is "
+            "damaged: re-embed it into a new cache (`l2c cache-info` lists its problems)"
+        )
+
+
 def derangement(n: int, seed: int, salt: str = "") -> np.ndarray:
     """A fixed permutation with no fixed point (n > 1): position i takes the item at [i]."""
     rng = np.random.default_rng([seed, *salt.encode()])
@@ -215,6 +227,7 @@ def build_join_index(cache: TextCache, out_dir: str | Path) -> Path:
         if {k: old.get(k) for k in stamp} == stamp:
             return out_dir
     keys, flds, vecs = cache.load(dtype=np.float16)
+    check_finite(vecs, keys, flds, f"text cache {cache.dir}")
     fields = list(dict.fromkeys(flds))  # row field names: `json:captions[*]` is stored as captions[0], [1], ...
     fpos = {f: i for i, f in enumerate(fields)}
     ukeys = sorted(set(keys))

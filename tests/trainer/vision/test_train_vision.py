@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -306,9 +307,9 @@ def test_everything_on_object_store_trains_and_resumes_the_same(classes, s3_buck
     assert not run.exists("pairing-index/index.json")  # derived files stay local
 
     monkeypatch.setenv("L2C_STAGING_DIR", str(tmp_path / "machine-b"))
-    with pytest.raises(ResumeError, match="--resume"):
-        train(TrainJob(cfg, remote_tars, f"{s3_bucket}/cache", out, progress=False))
-    done = train(TrainJob(cfg, remote_tars, f"{s3_bucket}/cache", out, resume=True, progress=False))
+    with pytest.raises(ResumeError, match="--no-resume"):  # another machine sees the store's checkpoints
+        train(TrainJob(cfg, remote_tars, f"{s3_bucket}/cache", out, resume=False, progress=False))
+    done = train(TrainJob(cfg, remote_tars, f"{s3_bucket}/cache", out, progress=False))
     assert done["finished"] and done["resumed_from"] == 5 and done["skips"] == dict.fromkeys(done["skips"], 0)
     remote_rows = [json.loads(x) for x in run.read_text("metrics.jsonl").splitlines()]
     ma = metrics(tmp_path / "local")
@@ -464,3 +465,60 @@ def test_sigterm_leaves_no_data_workers(classes, tmp_path):
     alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
              and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]  # fmt: skip
     assert proc.returncode != 0 and alive == []
+
+
+def test_a_second_run_into_the_same_out_is_refused_at_once(classes, tmp_path, refused):
+    tars, _, _, cache = classes
+    args = ["train-vision", "--no-progress", "--images", str(tars[0]), "--text-cache", str(cache), "--out",
+            str(tmp_path / "run"), "batch_size=8", "steps=100000", "data.workers=0", *TINY_ARGS]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "l2c.cli", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / "run" / ".l2c-lock.json"
+    deadline = time.monotonic() + 180
+    while not lock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    refused(args, rf"in use by another train-vision job \(pid {proc.pid} ")
+    assert time.monotonic() - t0 < 60  # refused before any work, not after a step
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert not lock.exists()  # released on the way out
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or all(
+        r["step"] >= 1 for r in metrics(tmp_path / "run"))  # one writer: no line twice  # fmt: skip
+
+
+def test_non_finite_vectors_in_a_shard_stop_the_run_before_a_step(classes, tmp_path, refused):
+    tars, labels, vecs, _ = classes
+    bad = vecs.copy()
+    bad[2, 5] = np.nan  # every image of class 2 gets a NaN vector
+    cache = class_cache_for(tars, labels, tmp_path / "nan-cache", bad)
+    refused(["train-vision", "--no-progress", "--images", str(tars[0]), "--text-cache", str(cache), "--out",
+             str(tmp_path / "run"), "data.workers=0", *TINY_ARGS],
+            r"shard-000000: \d+ vector\(s\) are not finite \(first: key 'shard000_\d+_s0', field 'txt'\)")  # fmt: skip
+    assert not list((tmp_path / "run").glob("checkpoints/*"))
+
+
+def test_a_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(classes, tmp_path, capsys):
+    tars, _, _, cache = classes
+    rc = main(["train-vision", "--no-progress", "--images", str(tars[0]), "--text-cache", str(cache), "--out",
+               str(tmp_path / "run"), *TINY_ARGS, "optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0",
+               "checkpoint_every=1", "steps=50"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1 and re.search(r"step \d+: (the loss is nan|the gradient of \S+ is not finite)", err), err
+    assert sum(line.startswith("l2c: error:") for line in err.splitlines()) == 1 and "Traceback" not in err
+    state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert all(torch.isfinite(v).all() for v in state["weights"].values())
+    assert not (tmp_path / "run" / "export").exists()  # no NaN is ever exported
+
+
+def test_likely_misuse_is_warned(classes, tmp_path, caplog):
+    """A batch larger than the data (each image several times in a batch) and a schedule that sees part of the data."""
+    tars, _, _, cache = classes
+    with caplog.at_level("WARNING", logger="l2c"):
+        train(TrainJob(tiny_cfg("batch_size=64", "steps=1", "optim.warmup_steps=0"), [str(tars[0])], cache, tmp_path / "big", progress=False))
+    assert re.search(r"a batch holds 32 distinct images \(each about 2.0 times\)", caplog.text), caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="l2c"):
+        train(TrainJob(tiny_cfg("batch_size=8", "steps=2", "optim.warmup_steps=0"), [str(t) for t in tars], cache, tmp_path / "short",
+                       progress=False))  # fmt: skip
+    assert "16 samples, fewer than the ~96 images" in caplog.text and "distinct images" not in caplog.text
