@@ -9,6 +9,7 @@ are skipped and returned with the reason (callers report them); a key seen twice
 from __future__ import annotations
 
 import json
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,15 @@ def count_samples(shards: list[str]) -> int | None:
 
     if not all(s.endswith(".tar") and Path(s).is_file() for s in shards):
         return None
-    return sum(count_keys(s) for s in shards)
+    total = 0
+    for s in shards:
+        try:
+            total += count_keys(s)
+        except (OSError, tarfile.TarError) as e:  # empty, cut short or not a tar: one line naming it
+            why = str(e).strip().splitlines()[-1].removeprefix("- method tar: ") if str(e).strip() else type(e).__name__
+            what = "an empty file" if Path(s).stat().st_size == 0 else f"not a readable tar ({why})"
+            raise EvalError(f"image shard {s} could not be read: {what}") from None
+    return total
 
 
 def iter_samples(shards: list[str], rejects: list | None = None) -> Iterator[dict]:
