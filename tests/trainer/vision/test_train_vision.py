@@ -154,7 +154,7 @@ def test_bad_samples_counted_exactly_never_shifted(tmp_path):
     summary = train(TrainJob(cfg, [str(t) for t in tars], cache, tmp_path / "run", progress=False))
     # 30 samples, 3 unusable: exactly one epoch of 27 pairs in 3 batches of 9
     assert summary["samples_seen"] == 27
-    assert summary["skips"] == {"missing_vector": 1, "missing_image": 1, "corrupt_image": 1,
+    assert summary["skips"] == {"missing_vector": 1, "missing_image": 1, "corrupt_image": 1, "image_too_large": 0,
                                 "vector_without_image": 2, "misordered": 0, "duplicate_member": 0, "shard_error": 0}
     skips = json.loads((tmp_path / "run" / "data_skips.json").read_text())
     assert skips["pairing"] == "aligned"
@@ -522,3 +522,17 @@ def test_likely_misuse_is_warned(classes, tmp_path, caplog):
         train(TrainJob(tiny_cfg("batch_size=8", "steps=2", "optim.warmup_steps=0"), [str(t) for t in tars], cache, tmp_path / "short",
                        progress=False))  # fmt: skip
     assert "16 samples, fewer than the ~96 images" in caplog.text and "distinct images" not in caplog.text
+
+
+def test_resume_of_a_run_from_before_a_config_key_existed():
+    """A key the saved config lacks counts as its default: resuming with the default passes, another value is refused."""
+    from l2c.config import to_dict
+    from l2c.trainer.resume import check_changes
+
+    now = to_dict(tiny_cfg())
+    saved = json.loads(json.dumps(now))
+    del saved["optim"]["head_lr_mult"]  # as if the run were made before the key existed
+    assert check_changes(saved, now, ("steps",), "run r", to_dict(TrainConfig())) == {}
+    now["optim"]["head_lr_mult"] = 2.0
+    with pytest.raises(ResumeError, match=r"optim.head_lr_mult: run 1.0, now 2.0"):
+        check_changes(saved, now, ("steps",), "run r", to_dict(TrainConfig()))
