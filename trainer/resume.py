@@ -33,11 +33,13 @@ def _safe(key: str, safe: tuple[str, ...]) -> bool:
     return any(key == s or key.startswith(s + ".") for s in safe)
 
 
-def check_changes(saved: dict, now: dict, safe: tuple[str, ...], where: str) -> dict[str, tuple]:
-    """Compare the config a run was started with (`saved`) with this invocation's (`now`), both as nested dicts.
+def check_changes(saved: dict, now: dict, safe: tuple[str, ...], where: str, defaults: dict | None = None) -> dict:
+    """Compare the config a run was started with (`saved`) with this invocation's (`now`), both as nested dicts;
+    a key the saved config lacks (a run from before the key existed) counts as its default in `defaults`.
     Returns {key: (old, new)} of the safe keys that changed (they apply from here on); refuses any other change."""
-    a, b = flatten(saved), flatten(now)
-    changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    a, b, d = flatten(saved), flatten(now), flatten(defaults or {})
+    old = {k: a.get(k, d.get(k)) for k in set(a) | set(b)}
+    changed = {k: (old[k], b.get(k)) for k in sorted(old) if old[k] != b.get(k)}
     locked = {k: v for k, v in changed.items() if not _safe(k, safe)}
     if locked:
         what = "; ".join(f"{k}: run {old!r}, now {new!r}" for k, (old, new) in locked.items())

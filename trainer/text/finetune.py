@@ -435,7 +435,8 @@ def check_resumable(out: Path, cfg: FinetuneTextConfig) -> None:
 
     saved_path = out / "config.yaml"
     if saved_path.exists():
-        check_changes(yaml.safe_load(saved_path.read_text()) or {}, to_dict(cfg), RESUME_SAFE, f"run {out}")
+        check_changes(yaml.safe_load(saved_path.read_text()) or {}, to_dict(cfg), RESUME_SAFE, f"run {out}",
+                      to_dict(FinetuneTextConfig()))
 
 
 def finetune_text(

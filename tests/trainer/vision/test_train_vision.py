@@ -522,3 +522,17 @@ def test_likely_misuse_is_warned(classes, tmp_path, caplog):
         train(TrainJob(tiny_cfg("batch_size=8", "steps=2", "optim.warmup_steps=0"), [str(t) for t in tars], cache, tmp_path / "short",
                        progress=False))  # fmt: skip
     assert "16 samples, fewer than the ~96 images" in caplog.text and "distinct images" not in caplog.text
+
+
+def test_resume_of_a_run_from_before_a_config_key_existed():
+    """A key the saved config lacks counts as its default: resuming with the default passes, another value is refused."""
+    from l2c.config import to_dict
+    from l2c.trainer.resume import check_changes
+
+    now = to_dict(tiny_cfg())
+    saved = json.loads(json.dumps(now))
+    del saved["optim"]["head_lr_mult"]  # as if the run were made before the key existed
+    assert check_changes(saved, now, ("steps",), "run r", to_dict(TrainConfig())) == {}
+    now["optim"]["head_lr_mult"] = 2.0
+    with pytest.raises(ResumeError, match=r"optim.head_lr_mult: run 1.0, now 2.0"):
+        check_changes(saved, now, ("steps",), "run r", to_dict(TrainConfig()))
