@@ -412,7 +412,7 @@ def register(app) -> None:
         model: Path = typer.Option(..., "--model", help="Trained model: RUN_DIR or RUN_DIR/export."),
         data: Path = typer.Option(..., "--data", help="Folder with one folder per evaluation set (see the suite)."),
         out: Path = typer.Option(..., "--out", help="Results, converted shards and caption caches (reused)."),
-        suite: str = typer.Option(DEFAULT_SUITE, "--suite", help="Suite config: a YAML path or a name under configs/."),
+        suite: str = typer.Option(DEFAULT_SUITE, "--config", "--suite", help="Suite config: a YAML path or a name under configs/ (load_config)."),
         compare: Path | None = typer.Option(
             None, "--compare", help="OUT of another eval-suite run: both side by side, with the differences."
         ),
