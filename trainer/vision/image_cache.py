@@ -19,6 +19,7 @@ from l2c.data.shards import TarReject
 from l2c.image_cache import ImageCache
 from l2c.trainer.vision.config import TrainConfig
 from l2c.trainer.vision.data import PairedStream
+from l2c.trainer.vision.pairing import ShardFinder
 from l2c.trainer.vision.tower import ImageSpec
 
 
@@ -30,14 +31,16 @@ class CachedFeatureStream(PairedStream):
     def __init__(self, spec):
         super().__init__(spec)
         self._cache: ImageCache | None = None
+        self._find: ShardFinder | None = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_cache": None}
+        return {**self.__dict__, "_cache": None, "_find": None}
 
     def samples(self, url: str, rejects: list) -> Iterator[dict]:
-        if self._cache is None:
+        if self._cache is None:  # once per process, as the text cache (pairing.py)
             self._cache = ImageCache(self.spec.image_cache)
-        name = self._cache.shard_for_source(url)
+            self._find = ShardFinder(self._cache)
+        name = self._find(url)
         if name is None:  # checked before training starts; a cache changed since is an unreadable shard
             rejects.append(TarReject(url, "unreadable_tar", None, None, f"{url}: no shard in image cache"))
             return iter(())
@@ -92,7 +95,8 @@ def check_image_cache(cfg: TrainConfig, cache: ImageCache, text: TextCache, spec
     if cache.settings.get("image_spec") != spec.to_dict():
         raise CacheError(f"image cache {cache.dir} was preprocessed as {cache.settings.get('image_spec')}, the "
                          f"tower now gives {spec.to_dict()}: re-embed the images")  # fmt: skip
-    lacking = [u for u in shards if cache.shard_for_source(u) is None]
+    find = ShardFinder(cache)
+    lacking = [u for u in shards if find(u) is None]
     if lacking:
         raise CacheError(f"image cache {cache.dir} has no shard for {len(lacking)} of the --images tars "
                          f"(first: {lacking[0]}); embed them with `l2c embed-images`")  # fmt: skip

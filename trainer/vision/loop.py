@@ -44,14 +44,15 @@ from l2c.trainer.plots import plot_metrics
 from l2c.trainer.resume import ResumeError, check_changes
 from l2c.trainer.runlog import RunLog
 from l2c.trainer.schedule import make_scheduler
+from l2c.trainer.vision import join_index
 from l2c.trainer.vision.config import TrainConfig
 from l2c.trainer.vision.data import SKIP_KINDS, StreamSpec
 from l2c.trainer.vision.export import export_model
 from l2c.trainer.vision.loader import make_loader
-from l2c.trainer.vision.loss import make_loss
+from l2c.trainer.vision.loss import make_loss, nested_dims
 from l2c.trainer.vision.model import L2CModel
 from l2c.trainer.vision.optim import make_optimizer
-from l2c.trainer.vision.pairing import plan_pairing, used_fields
+from l2c.trainer.vision.pairing import ShardFinder, plan_tars, used_fields
 from l2c.trainer.vision.tower import build_vision_tower, freeze_first_blocks
 
 MAX_EXAMPLES = 20
@@ -59,7 +60,8 @@ log = logging.getLogger(__name__)
 
 
 # Settings a resume may change (applied from the checkpoint's step on); any other change is refused.
-RESUME_SAFE = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "torch_threads", "data.prefetch_factor")
+RESUME_SAFE = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "torch_threads", "data.prefetch_factor",
+               "data.join_max_rows")  # fmt: skip
 # What train-vision writes into its run directory (`--overwrite` removes these, nothing else).
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "curves.png", "data_skips.json", "summary.json", "export",
                "pairing-index", "config.yaml")  # fmt: skip
@@ -93,10 +95,6 @@ class RunPaths:
     def export(self) -> Path:
         return self.root / "export"
 
-    @property
-    def index(self) -> Path:
-        return self.root / "pairing-index"
-
 
 def build_model(cfg: TrainConfig, text_dim: int) -> tuple[L2CModel, object]:
     tower, spec, processor = build_vision_tower(cfg.model.vision)
@@ -114,6 +112,7 @@ def build_model(cfg: TrainConfig, text_dim: int) -> tuple[L2CModel, object]:
         feature=cfg.model.vision.feature,
         head_layers=cfg.model.vision.head_layers,
         head_hidden=cfg.model.vision.head_hidden,
+        nested_dims=nested_dims(cfg.model.nested_dims, cfg.model.embed_dim),
     )
     if cfg.model.init:  # a released LLM2CLIP checkpoint: its weights before any freezing
         from l2c.trainer.vision.released import init_from_released
@@ -223,7 +222,8 @@ def setup(job: TrainJob, device: str | torch.device | None = None) -> tuple[Run,
     opt = make_optimizer(model, cfg.optim)
     sched = make_scheduler(opt, cfg.steps, cfg.optim.warmup_steps, "cosine", cfg.optim.min_lr_ratio)
     r = Run(job, rank, world, device, run, paths, cache, fields, model, D.wrap_ddp(model, device), processor,
-            opt, sched, RunLog(paths.metrics, rank == 0), make_loss(cfg.loss.kind, cfg.loss.gather_with_grad))  # fmt: skip
+            opt, sched, RunLog(paths.metrics, rank == 0),
+            make_loss(cfg.loss.kind, cfg.loss.gather_with_grad, model.nested_dims))  # fmt: skip
     return r, ckpt
 
 
@@ -259,7 +259,7 @@ def _checkpoint_to_resume(job: TrainJob, paths: RunPaths, cache: TextCache, worl
             f"({ckpt['cache_fingerprint'][:16]}…): the vectors come from another encoder or settings; "
             "resume with the original cache, or start a new run"
         )
-    changed = check_changes(ckpt["config"], to_dict(cfg), RESUME_SAFE, f"run {paths.root}")
+    changed = check_changes(ckpt["config"], to_dict(cfg), RESUME_SAFE, f"run {paths.root}", to_dict(TrainConfig()))
     if changed:
         log.info("resuming %s with %s", paths.root, "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     if (ckpt["world_size"], ckpt["num_workers"]) != (world, cfg.data.workers):
@@ -288,17 +288,26 @@ def resume(r: Run, ckpt: dict | None) -> None:
 
 
 def make_stream(r: Run, shards: list[str]):
-    """Plan the pairing (rank 0 first: it writes the index) and build this rank's data loader."""
+    """Plan the pairing on every rank (O(tars + shards), see pairing.py), build the join index when some tar needs
+    it (once: see join_index.py), then this rank's data loader."""
     cfg = r.cfg
+    plan = plan_tars(r.cache, shards, cfg.data.pairing, cfg.data.join_max_rows, r.job.images)
+    t0 = time.perf_counter()
+    index, built = join_index.prepare(r.cache, r.run, r.main) if plan.join else (None, False)
     if r.main:
         r.paths.root.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, r.paths.config)
-        pairing = plan_pairing(r.cache, shards, cfg.data.pairing, r.fields, r.paths.index, shuffle_seed(cfg))
         # a resumed run continues the metrics of its checkpoint; lines a killed run wrote after it are dropped
         r.log.rewind(lambda rec: rec["step"] <= r.step)
+        log.info(plan.describe())
+        if plan.join:
+            log.info("join index of %s cache rows in %s: %s", f"{plan.join_estimate['rows']:,}", index,
+                     f"built in {time.perf_counter() - t0:.1f} s" if built else "reused")  # fmt: skip
     D.barrier()
-    if not r.main:
-        pairing = plan_pairing(r.cache, shards, cfg.data.pairing, r.fields, r.paths.index, shuffle_seed(cfg))
+    pairing = plan.pairing(r.cache, r.fields, index, shuffle_seed(cfg))
+    if plan.join:
+        pairing.info["join_index"] = {"dir": str(index), "rows": plan.join_estimate["rows"], "built_now": built}
+    negatives = _negatives(r)
     spec = StreamSpec(
         shards=shards,
         pairing=pairing,
@@ -317,19 +326,46 @@ def make_stream(r: Run, shards: list[str]):
         rotation=r.step % max(1, cfg.data.workers),
         image_cache=r.image_cache.dir if r.image_cache is not None else None,
         feature=cfg.model.vision.feature,
+        positives=cfg.loss.positives,
+        negatives=negatives,
+        hard_negatives=cfg.loss.hard_negatives,
     )
     loader = make_loader(spec, pin_memory=r.device.type == "cuda", prefetch_factor=cfg.data.prefetch_factor)
     return pairing, loader
 
 
+def _negatives(r: Run):
+    """The mined neighbours' bank (`loss.hard_negatives`, see negatives.py), its tables built before the other
+    ranks open them; None without."""
+    if not r.cfg.loss.hard_negatives:
+        return None
+    from l2c.trainer.vision.negatives import plan_negatives
+
+    where = r.cfg.loss.negatives or f"{r.cache.dir}/negatives"
+    args = (r.cache, where, r.run, r.fields)
+    bank = plan_negatives(*args, main=True, max_rows=r.cfg.data.join_max_rows) if r.main else None
+    D.barrier()
+    return bank or plan_negatives(*args, main=False, max_rows=r.cfg.data.join_max_rows)
+
+
 def train_step(r: Run, batch: dict, autocast) -> torch.Tensor:
-    """One optimiser step on `batch`; advances the step, data position and digest. Returns the loss."""
+    """One optimiser step on `batch`; advances the step, data position and digest. Returns the loss.
+
+    A batch may hold several captions per image (`owner`) and mined negatives (`negatives`, `negative_owner`):
+    the adapter takes them all in one pass and the loss sorts them out (loss.py)."""
     feats = batch["features"].to(r.device, non_blocking=True) if "features" in batch else None  # --image-cache
     pixels = batch["pixel_values"].to(r.device, non_blocking=True) if feats is None else None
     vectors = batch["vectors"].to(r.device, non_blocking=True)
+    n_txt = vectors.shape[0]
+    if "negatives" in batch:
+        vectors = torch.cat([vectors, batch["negatives"].to(r.device, non_blocking=True)])
+    extra = {k: batch[b].to(r.device) for k, b in (("owner", "owner"), ("extra_owner", "negative_owner")) if b in batch}
     with autocast:
-        img, txt, scale, bias = r.net(pixels, vectors, features=feats)
-        loss = r.loss_fn(img, txt, scale, bias)
+        raw = getattr(r.loss_fn, "wants_raw", False)  # a nested loss cuts the features before normalising
+        img, txt, scale, bias = r.net(pixels, vectors, features=feats, normalize=not raw)
+        if "negatives" in batch:
+            txt, extra["extra"] = txt[:n_txt], txt[n_txt:]
+        loss = r.loss_fn(img, txt, scale, bias, **extra)
     if not torch.isfinite(loss.detach()):
         raise NonFinite(f"step {r.step + 1}: the loss is {float(loss.detach())}; the run stops here (its last checkpoint is "
                         f"the last good state; lower optim.lr or check the text cache with `l2c cache-info`)")  # fmt: skip
@@ -475,7 +511,8 @@ def _warn_coverage(r: Run, shards: list[str]) -> None:
     """A schedule that does not see each image once (estimated from the cache rows of these tars' shards)."""
     if not r.main:
         return
-    named = [r.cache.shard_for_source(u) for u in shards]
+    find = ShardFinder(r.cache)
+    named = [find(u) for u in shards]
     first = next((n for n in named if n and r.cache.manifest.shards[n].rows), None) or r.cache.shard_names[0]
     keys = r.cache.read_shard(first, ["key"]).column("key")
     per_key = max(1.0, len(keys) / max(1, len(keys.unique())))  # rows per image: captions per key
@@ -543,10 +580,21 @@ def _log_row(r: Run, loss: float, win: Counter, epoch: int) -> dict:
     return row
 
 
+def pairing_report(info: dict, built_by_rank: list[bool]) -> dict:
+    """What data_skips.json says of the pairing: tars per kind, the first without a shard, the join index and
+    which ranks built it at this start (none when an earlier start or another run here had built it)."""
+    out = {k: v for k, v in info.items() if k != "join_index"}
+    if info.get("join_index"):
+        ranks = [i for i, b in enumerate(built_by_rank) if b]
+        out["join_index"] = {**{k: v for k, v in info["join_index"].items() if k != "built_now"}, "built_by_ranks": ranks}
+    return out
+
+
 def finish(r: Run, pairing, shards: list[str], stopped_by: str) -> dict:
     """Skip report, curves, export and summary (rank 0), after every rank's counts are summed."""
     totals = D.all_reduce_sum({k: float(r.stats.get(k, 0)) for k in SKIP_KINDS})
     all_examples = D.all_gather_object(r.examples)
+    built = D.all_gather_object(bool((pairing.info.get("join_index") or {}).get("built_now")))
     summary = None
     if r.main:
         paths, cfg = r.paths, r.cfg
@@ -558,6 +606,7 @@ def finish(r: Run, pairing, shards: list[str], stopped_by: str) -> dict:
             "note": "counted per sample streamed: a key read in several epochs is counted in each",
             "examples": merged,
             "pairing": pairing.mode,
+            **pairing_report(pairing.info, built),
             "shards": len(shards),
             "samples_seen": r.samples_seen,
         }
@@ -587,6 +636,7 @@ def finish(r: Run, pairing, shards: list[str], stopped_by: str) -> dict:
             "world_size": r.world,
             "device": str(r.device),
             "skips": skips["counts"],
+            "pairing": {k: skips[k] for k in ("pairing", "aligned_tars", "join_tars", "tars_without_cache_shard")},
             "export": r.run.display("export"),
         }
         atomic.write_json(paths.summary, summary)

@@ -1,10 +1,15 @@
 """Pairing image samples with cached text vectors, by key, never by position alone.
 
-*Aligned* caches have one Parquet per tar with rows in the tar's key order: each tar is zipped with its
-cache shard and every key is checked. A cache shard whose order differs from its tar is detected
-(`aligned`: an error; `auto`: joined by key for that shard, and the keys out of place counted as
-`misordered`). Otherwise a
-*join* index (sorted keys -> rows, vectors as a memory-mapped .npy) is built once and looked up.
+Each tar is paired one of two ways. *Aligned*: the tar has its own cache shard (rows in the tar's key order,
+found as `TextCache.shard_for_source` finds it): the two are zipped and every key is checked; only that shard
+is read. A shard whose order differs from its tar is detected (`aligned`: an error; `auto`: joined by key
+within that shard, the keys out of place counted as `misordered`). *Join*: a tar without a shard of its own
+is paired through the join index of the whole cache (`join_index.py`: built once, kept, and refused for
+caches above `data.join_max_rows`, where `l2c align-cache` makes an aligned cache instead).
+
+`data.pairing`: `aligned` pairs every tar by its shard (a tar without one is an error); `join` pairs every
+tar through the index; `auto` pairs tars that have a shard by it and the others through the index, when the
+cache is small enough for one, else refuses, naming them. `plan_tars` decides in O(tars + shards).
 
 `pair_shard` yields, in tar order:
     ("ok", key, sample, {field: vector})    ("missing_vector", key)    ("missing_image", key)
@@ -14,17 +19,19 @@ cache shard and every key is checked. A cache shard whose order differs from its
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from l2c import atomic
 from l2c.cache import CacheError, TextCache, embedding_matrix
 from l2c.data.images import image_member
 from l2c.fields import covers
+from l2c.trainer.vision import join_index
 
-INDEX_VERSION = 2
+MAX_NAMED = 5  # tars named in a message or report, of those without a cache shard
 
 
 def used_fields(cache: TextCache, weights: dict[str, float]) -> list[str]:
@@ -43,7 +50,9 @@ def used_fields(cache: TextCache, weights: dict[str, float]) -> list[str]:
 
 
 class Pairing:
-    """Picklable pairing plan; workers load cache shards / the join index lazily."""
+    """Picklable pairing of tars with a text cache: tars in `shard_names` by their own shard (aligned), the
+    others through the join index in `index_dir`. A process opens the cache once and keeps the shard it read
+    last; the join index is memory-mapped."""
 
     def __init__(
         self,
@@ -53,29 +62,49 @@ class Pairing:
         index_dir: str | Path | None = None,
         strict: bool = False,
         shuffle_seed: int | None = None,
+        cache: TextCache | None = None,
     ):
-        if (shard_names is None) == (index_dir is None):
-            raise ValueError("give shard_names (aligned) or index_dir (join)")
+        if shard_names is None and index_dir is None:
+            raise ValueError("give shard_names (aligned), index_dir (join) or both")
         self.cache_dir = str(cache_dir)
         self.fields = list(fields)
-        self.shard_names = shard_names
+        self.shard_names = dict(shard_names or {})
         self.index_dir = str(index_dir) if index_dir else None
         self.strict = strict
         self.shuffle_seed = shuffle_seed  # the shuffled-pairs control: each key gets another key's captions
-        self._loaded: tuple | None = None
+        self._cache, self._cache_pid = cache, os.getpid()
+        self._shard: tuple | None = None
+        self._index: tuple | None = None
+        self._perm: np.ndarray | None = None
+        self.info: dict = {}  # what the plan decided, for the run's reports (PairingPlan.report)
 
     @property
     def mode(self) -> str:
-        return "aligned" if self.shard_names is not None else "join"
+        """aligned, join, or mixed (aligned for the tars with a shard, join for the others)."""
+        if self.index_dir is None:
+            return "aligned"
+        return "mixed" if self.shard_names else "join"
+
+    def tar_counts(self, tars: list[str]) -> dict[str, int]:
+        aligned = sum(t in self.shard_names for t in tars)
+        return {"aligned": aligned, "join": len(tars) - aligned}
 
     def __getstate__(self):
-        return {**self.__dict__, "_loaded": None, "_perm": None}
+        return {**self.__dict__, "_cache": None, "_shard": None, "_index": None, "_perm": None}
+
+    @property
+    def cache(self) -> TextCache:
+        """The cache, opened once per process (the manifest is read here only); a forked data worker opens its
+        own (an object store's client does not survive a fork)."""
+        if self._cache is None or self._cache_pid != os.getpid():
+            self._cache, self._cache_pid = TextCache(self.cache_dir), os.getpid()
+        return self._cache
 
     # -- aligned ----------------------------------------------------------------------------------
     def _shard_groups(self, name: str) -> tuple[list[str], dict[str, int], list[dict[str, np.ndarray]]]:
-        if self._loaded is not None and self._loaded[0] == name:
-            return self._loaded[1]
-        cache = TextCache(self.cache_dir)
+        if self._shard is not None and self._shard[0] == name:
+            return self._shard[1]
+        cache = self.cache
         table = cache.read_shard(name, ["key", "field", "embedding"])
         keys, flds, vecs = (
             table.column("key").to_pylist(),
@@ -96,7 +125,7 @@ class Pairing:
                 groups[where[k]][f] = vecs[i]
         if self.shuffle_seed is not None:
             groups = [groups[j] for j in derangement(len(groups), self.shuffle_seed, name)]
-        self._loaded = (name, (order, where, groups))
+        self._shard = (name, (order, where, groups))
         return order, where, groups
 
     def _pair_aligned(self, url: str, samples: Iterator[dict]) -> Iterator[tuple]:
@@ -128,21 +157,21 @@ class Pairing:
         yield ("end", {"vector_without_image": len(order) - len(matched), "misordered": misordered})
 
     # -- join -------------------------------------------------------------------------------------
-    def _index(self):
-        if self._loaded is None:
+    def _join(self):
+        if self._index is None:
             d = Path(self.index_dir)
             meta = json.loads((d / "index.json").read_text())
             meta["wanted"] = [any(covers(s, f) for s in self.fields) for f in meta["fields"]]  # once, not per key
-            self._loaded = (
+            self._index = (
                 meta,
                 np.load(d / "keys.npy", mmap_mode="r"),
                 np.load(d / "rows.npy", mmap_mode="r"),
                 np.load(d / "vectors.npy", mmap_mode="r"),
             )
-        return self._loaded
+        return self._index
 
     def lookup(self, key: str) -> dict[str, np.ndarray]:
-        meta, keys, rows, vecs = self._index()
+        meta, keys, rows, vecs = self._join()
         k = key.encode()
         i = int(np.searchsorted(keys, k))
         if i >= len(keys) or keys[i] != k:
@@ -156,8 +185,8 @@ class Pairing:
         }
 
     def _derangement(self) -> np.ndarray:
-        if getattr(self, "_perm", None) is None:
-            self._perm = derangement(len(self._index()[1]), self.shuffle_seed)
+        if self._perm is None:
+            self._perm = derangement(len(self._join()[1]), self.shuffle_seed)
         return self._perm
 
     def _pair_join(self, url: str, samples: Iterator[dict]) -> Iterator[tuple]:
@@ -177,8 +206,10 @@ class Pairing:
         return ("ok", key, sample, choices)
 
     def pair_shard(self, url: str, samples: Iterator[dict]) -> Iterator[tuple]:
-        if self.shard_names is not None:
+        if url in self.shard_names:
             return self._pair_aligned(url, samples)
+        if self.index_dir is None:
+            raise CacheError(f"{url} has no shard in text cache {self.cache_dir} and this run has no join index")
         return self._pair_join(url, samples)
 
 
@@ -213,36 +244,86 @@ def longest_increasing(seq: list[int]) -> int:
     return len(tails)
 
 
-def build_join_index(cache: TextCache, out_dir: str | Path) -> Path:
-    """Sorted keys, per-key row of each field, and the vectors as .npy files; reused while the cache is same."""
-    out_dir = Path(out_dir)
-    stamp = {
-        "version": INDEX_VERSION,
-        "fingerprint": cache.fingerprint,
-        "shards": {n: e.sha256 for n, e in sorted(cache.manifest.shards.items())},
-    }
-    meta_path = out_dir / "index.json"
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if {k: old.get(k) for k in stamp} == stamp:
-            return out_dir
-    keys, flds, vecs = cache.load(dtype=np.float16)
-    check_finite(vecs, keys, flds, f"text cache {cache.dir}")
-    fields = list(dict.fromkeys(flds))  # row field names: `json:captions[*]` is stored as captions[0], [1], ...
-    fpos = {f: i for i, f in enumerate(fields)}
-    ukeys = sorted(set(keys))
-    kpos = {k: i for i, k in enumerate(ukeys)}
-    rows = np.full((len(ukeys), len(fields)), -1, dtype=np.int64)
-    for r, (k, f) in enumerate(zip(keys, flds, strict=True)):
-        if f in fpos:
-            rows[kpos[k], fpos[f]] = r
-    out_dir.mkdir(parents=True, exist_ok=True)
-    enc = np.array([k.encode() for k in ukeys], dtype=bytes) if ukeys else np.zeros(0, "S1")
-    for name, arr in (("keys", enc), ("rows", rows), ("vectors", vecs)):
-        with atomic.atomic_path(out_dir / f"{name}.npy") as tmp, open(tmp, "wb") as f:
-            np.save(f, arr)
-    atomic.write_json(meta_path, {**stamp, "fields": fields, "n_keys": len(ukeys), "n_rows": len(keys)})
-    return out_dir
+
+
+class ShardFinder:
+    """The cache shard of a source, found as `TextCache.shard_for_source` finds it (by source path, then by file
+    stem), from two lookups built once: O(shards) to build, O(1) per tar."""
+
+    def __init__(self, cache: TextCache):
+        self.by_source: dict[str, str] = {}
+        for name, entry in cache.manifest.shards.items():
+            self.by_source.setdefault(entry.source, name)  # the first shard of a source, as shard_for_source
+        self.names = set(cache.manifest.shards)
+
+    def __call__(self, source: str | Path) -> str | None:
+        src = str(source)
+        if src in self.by_source:
+            return self.by_source[src]
+        stem = Path(src).name.split(".")[0]
+        return stem if stem in self.names else None
+
+
+@dataclass
+class PairingPlan:
+    """How each tar is paired: by its own shard (`aligned`), or through the join index (`join_tars`)."""
+
+    aligned: dict[str, str]  # tar -> its cache shard
+    join_tars: list[str]  # tars paired through the join index, in --images order
+    without_shard: list[str]  # tars with no cache shard of their own (all of them join tars)
+    strict: bool
+    join_estimate: dict | None = None  # rows, bytes, seconds of the join index, when one is needed
+
+    @property
+    def join(self) -> bool:
+        return bool(self.join_tars)
+
+    def describe(self) -> str:
+        """One line: which pairing for how many tars, naming the first tars without a shard."""
+        parts = [f"aligned for {len(self.aligned):,} tar(s)"] if self.aligned else []
+        if self.join_tars:
+            why = f", {len(self.without_shard):,} without a cache shard of their own (first: " \
+                  f"{', '.join(self.without_shard[:MAX_NAMED])})" if self.without_shard else ""  # fmt: skip
+            parts.append(f"join by key for {len(self.join_tars):,} tar(s){why}")
+        return "pairing: " + "; ".join(parts)
+
+    def report(self) -> dict:
+        """What data_skips.json and summary.json record."""
+        return {"aligned_tars": len(self.aligned), "join_tars": len(self.join_tars),
+                "tars_without_cache_shard": len(self.without_shard),
+                "first_tars_without_cache_shard": self.without_shard[:MAX_NAMED]}  # fmt: skip
+
+    def pairing(self, cache: TextCache, fields: list[str], index_dir: str | Path | None,
+                shuffle_seed: int | None = None) -> Pairing:  # fmt: skip
+        if self.join and index_dir is None:
+            raise ValueError("this plan pairs tars through a join index: give its directory")
+        p = Pairing(cache.dir, fields, shard_names=self.aligned, index_dir=index_dir if self.join else None,
+                    strict=self.strict, shuffle_seed=shuffle_seed, cache=cache)  # fmt: skip
+        p.info = self.report()
+        return p
+
+
+def plan_tars(cache: TextCache, tars: list[str], mode: str, join_max_rows: int,
+              images: str | list[str] | None = None) -> PairingPlan:  # fmt: skip
+    """Decide each tar's pairing in O(tars + shards) (see the module docstring for `mode`); refuse with one line
+    a tar without a shard under `aligned`, and a join index above `join_max_rows` rows. `images`: the tars as
+    the user gave them, for the `l2c align-cache` command the refusal suggests."""
+    find = ShardFinder(cache)
+    names = {t: find(t) for t in tars}
+    without = [t for t, n in names.items() if n is None]
+    lacking = f"{len(without):,} of {len(tars):,} tar(s) have no cache shard of their own (first: " \
+              f"{', '.join(without[:MAX_NAMED])})"  # fmt: skip
+    if mode == "aligned" and without:
+        raise CacheError(f"data.pairing=aligned but {lacking}. Align the cache to the tars: "
+                         f"`{join_index.align_command(cache, images)}` and train with --text-cache DIR, or use "
+                         "data.pairing=auto")  # fmt: skip
+    if mode == "join":
+        aligned, join_tars, why = {}, list(tars), "data.pairing=join"
+    else:
+        aligned, join_tars = {t: n for t, n in names.items() if n is not None}, without
+        why = f"{lacking}; pairing them by key"
+    estimate = join_index.check_size(cache, join_max_rows, why, images) if join_tars else None
+    return PairingPlan(aligned, join_tars, without, strict=mode == "aligned", join_estimate=estimate)
 
 
 def plan_pairing(
@@ -252,15 +333,13 @@ def plan_pairing(
     fields: list[str],
     index_dir: str | Path,
     shuffle_seed: int | None = None,
+    join_max_rows: int | None = None,
 ) -> Pairing:
-    """Aligned when every tar has its own cache shard (mode auto/aligned), else a join index."""
-    names = {url: cache.shard_for_source(url) for url in shards}
-    missing = [u for u, n in names.items() if n is None]
-    if mode == "aligned" and missing:
-        raise CacheError(
-            f"data.pairing=aligned but {len(missing)} tar(s) have no cache shard (first: {missing[0]}); "
-            "embed them, or use data.pairing=join"
-        )
-    if mode in ("auto", "aligned") and not missing:
-        return Pairing(cache.dir, fields, shard_names=names, strict=mode == "aligned", shuffle_seed=shuffle_seed)
-    return Pairing(cache.dir, fields, index_dir=build_join_index(cache, index_dir), shuffle_seed=shuffle_seed)
+    """`plan_tars` and, when some tar needs it, the join index built (or reused) in `index_dir`: for one process."""
+    from l2c.trainer.vision.config import DataConfig
+
+    limit = DataConfig.join_max_rows if join_max_rows is None else join_max_rows
+    plan = plan_tars(cache, shards, mode, limit)
+    if plan.join:
+        join_index.ensure(cache, index_dir)
+    return plan.pairing(cache, fields, index_dir, shuffle_seed)
