@@ -67,6 +67,9 @@ class ModelMeta:
     logit_bias: float | None = None
     teacher: TeacherSpec | None = None
     text_fields: list[str] = field(default_factory=list)
+    # Matryoshka dims the model was trained at (the full embed_dim among them): a vector's first d values,
+    # re-normalised, are its d-dim embedding. Empty: only embed_dim (every export before this field).
+    nested_dims: list[int] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # train_steps, samples_seen, loss, source, ...
     format: str = MODEL_FORMAT
     version: int = MODEL_VERSION
@@ -83,6 +86,7 @@ class ModelMeta:
             logit_scale=float(model.scale().detach()), logit_scale_max=float(model.logit_scale_max),
             logit_bias=float(model.logit_bias.detach()) if model.logit_bias is not None else None,
             teacher=teacher, text_fields=list(text_fields or []), extra=dict(extra or {}),
+            nested_dims=[int(d) for d in getattr(model, "nested_dims", [])],
         )  # fmt: skip
 
     @property
@@ -96,7 +100,7 @@ class ModelMeta:
                            f"(format {d.get('format')!r}, version {d.get('version')!r})")  # fmt: skip
         known = {"vision_model_type", "image_size", "image_mean", "image_std", "image_resize", "image_crop",
                  "text_dim", "embed_dim", "adapter", "image_head", "frozen_tower", "logit_scale", "logit_scale_max",
-                 "logit_bias", "text_fields", "format", "version"}  # fmt: skip
+                 "logit_bias", "text_fields", "nested_dims", "format", "version"}  # fmt: skip
         kw = {k: d[k] for k in known if k in d and d[k] is not None}
         kw.setdefault("image_resize", d["image_size"])
         kw.setdefault("image_crop", [d["image_size"], d["image_size"]])

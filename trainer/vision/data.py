@@ -11,7 +11,12 @@ With an image cache (a frozen tower's features, `l2c embed-images`), the cache g
 sequence (see `l2c.image_cache`) and batches carry `features [B,width]` instead: same items, same order.
 
 Batches are dicts: `pixel_values [B,3,H,W]`, `vectors [B,dim]`, `keys`, `fields`, `pos` (slot, epoch,
-emitted after this batch) and `stats` (skip counts since the slot's previous batch).
+emitted after this batch) and `stats` (skip counts since the slot's previous batch). With `positives="all"`
+every caption of an image comes along: `vectors [T,dim]` (an image's captions in field order, T = the sum of
+the images' caption counts), `fields` per vector and `owner [T]`, each vector's image in the batch. With mined
+neighbours (`negatives`, see `negatives.py`): `negatives [M,dim]`, a caption of each of `hard_negatives`
+neighbours per image, and `negative_owner [M]`, the neighbour's image in the batch or -1. Neither changes what
+is drawn for anything else, so the images, crops and (with `one`) captions are today's.
 """
 
 from __future__ import annotations
@@ -75,6 +80,9 @@ class StreamSpec:
     rotation: int = 0  # physical worker p plays slot (p + rotation) % num_workers
     image_cache: str | None = None  # a frozen tower's features (`l2c embed-images`) instead of decoding images
     feature: str = "pooled"  # which cached feature: pooled | patch_mean | both
+    positives: str = "one"  # one: a caption drawn per image (field_weights); all: every caption of the image
+    negatives: object = None  # l2c.trainer.vision.negatives.NegativeBank: mined neighbours' captions
+    hard_negatives: int = 0  # neighbours per image taken from `negatives`
 
     @property
     def n_slots(self) -> int:
@@ -150,7 +158,7 @@ class PairedStream(IterableDataset):
         is a `DataError` naming what went wrong, never an endless wait."""
         s = self.spec
         epoch, skip = s.start.get(slot, (0, 0))
-        pixels, vecs, keys, flds = [], [], [], []
+        pixels, vecs, keys, flds, owner, negs, neg_keys = [], [], [], [], [], [], []
         stats: Counter = Counter()
         examples: dict[str, list[str]] = {}
         while True:
@@ -185,13 +193,18 @@ class PairedStream(IterableDataset):
                     examples.setdefault(why, []).append(key)
                     continue
                 usable += 1
-                name, vec = self._choose(choices, rng)
+                for name, vec in self._texts(choices, rng):
+                    vecs.append(vec)
+                    flds.append(name)
+                    owner.append(len(keys))
+                if s.negatives is not None:
+                    for k, vec in s.negatives.draw(key, s.hard_negatives, rng):
+                        neg_keys.append(k)
+                        negs.append(vec)
                 pixels.append(pix)
-                vecs.append(vec)
                 keys.append(key)
-                flds.append(name)
                 if len(keys) == s.batch_size:
-                    yield {
+                    batch = {
                         self.input_key: torch.stack(pixels),
                         "vectors": torch.from_numpy(np.stack(vecs).astype(np.float32)),
                         "keys": keys,
@@ -200,7 +213,12 @@ class PairedStream(IterableDataset):
                         "stats": dict(stats),
                         "examples": examples,
                     }
-                    pixels, vecs, keys, flds = [], [], [], []
+                    if s.positives == "all":
+                        batch["owner"] = torch.tensor(owner, dtype=torch.long)
+                    if s.negatives is not None:
+                        batch.update(self._negatives(negs, neg_keys, keys, vecs[0].shape[-1]))
+                    yield batch
+                    pixels, vecs, keys, flds, owner, negs, neg_keys = [], [], [], [], [], [], []
                     stats, examples = Counter(), {}
             if emitted == 0:
                 raise DataError(
@@ -215,6 +233,20 @@ class PairedStream(IterableDataset):
                     f"rank {s.rank} ({why}){hint}"
                 )
             epoch, skip = epoch + 1, 0
+
+    def _texts(self, choices: dict[str, np.ndarray], rng: random.Random) -> list[tuple[str, np.ndarray]]:
+        """The (field, vector) captions of a sample in the step: one drawn, or all in field order."""
+        if self.spec.positives == "all":
+            return [(n, choices[n]) for n in sorted(choices)]
+        return [self._choose(choices, rng)]
+
+    @staticmethod
+    def _negatives(negs: list, neg_keys: list[str], keys: list[str], dim: int) -> dict:
+        where = {k: i for i, k in enumerate(keys)}
+        return {
+            "negatives": torch.from_numpy(np.stack(negs).astype(np.float32) if negs else np.zeros((0, dim), np.float32)),
+            "negative_owner": torch.tensor([where.get(k, -1) for k in neg_keys], dtype=torch.long),
+        }
 
     def _choose(self, choices: dict[str, np.ndarray], rng: random.Random) -> tuple[str, np.ndarray]:
         names = sorted(choices)

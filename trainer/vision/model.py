@@ -33,6 +33,7 @@ class L2CModel(nn.Module):
         feature: str = "pooled",
         head_layers: int = 1,
         head_hidden: int = 0,
+        nested_dims: list[int] | None = None,
     ):
         super().__init__()
         self.tower = tower
@@ -43,6 +44,7 @@ class L2CModel(nn.Module):
             tower.eval()
         self.image_spec = image_spec
         self.text_dim, self.embed_dim = text_dim, embed_dim
+        self.nested_dims = list(nested_dims or [])  # Matryoshka prefixes the loss was taken at (the export records them)
         self.adapter_shape = {"n_blocks": n_blocks, "expansion": expansion}
         self.visual_proj = make_image_head(feature_width(tower, feature), embed_dim, head_layers, head_hidden)
         self.adapter = TextAdapter(text_dim, embed_dim, n_blocks, expansion)
@@ -81,8 +83,13 @@ class L2CModel(nn.Module):
         x = self.adapter(vectors)
         return F.normalize(x.float(), dim=-1) if normalize else x
 
-    def forward(self, pixel_values: torch.Tensor | None, vectors: torch.Tensor, features: torch.Tensor | None = None):
-        """(image features, text features, logit scale, logit bias or None); features L2-normalised. Cached
-        tower `features` (a frozen tower) stand in for `pixel_values`."""
-        img = self.encode_features(features) if features is not None else self.encode_image(pixel_values)
-        return img, self.encode_text(vectors), self.scale(), self.logit_bias
+    def forward(self, pixel_values: torch.Tensor | None, vectors: torch.Tensor, features: torch.Tensor | None = None,
+                normalize: bool = True):  # fmt: skip
+        """(image features, text features, logit scale, logit bias or None); features L2-normalised unless
+        `normalize` is false (a nested loss cuts them first). Cached tower `features` (a frozen tower) stand in
+        for `pixel_values`."""
+        if features is not None:
+            img = self.encode_features(features, normalize)
+        else:
+            img = self.encode_image(pixel_values, normalize)
+        return img, self.encode_text(vectors, normalize), self.scale(), self.logit_bias
