@@ -52,12 +52,17 @@ def adapt_texts(
     vectors: np.ndarray,
     batch_size: int = 4096,
     progress: Callable[[int], None] | None = None,
+    dtype=np.float32,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Cached text vectors through the model's adapter: float32 [n, embed_dim], L2-normalised."""
+    """Cached text vectors through the model's adapter: [n, embed_dim], L2-normalised, as `dtype` (float16 keeps
+    a large caption gallery at half the memory). A batch of `batch_size` rows at a time is float32; `out`: an
+    array to write into instead of a new one (rows `[:n]` of a larger gallery)."""
     import torch
 
     device = next(model.parameters()).device
-    out = np.empty((len(vectors), model.meta.embed_dim), np.float32)
+    if out is None:
+        out = np.empty((len(vectors), model.meta.embed_dim), dtype)
     with torch.inference_mode():
         for start in range(0, len(vectors), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(vectors[start : start + batch_size], np.float32))

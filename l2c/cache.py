@@ -11,10 +11,15 @@ Layout of a cache directory::
 DIR is a path, a `file://` URL or an object-store URL (`s3://`, `gs://`; see `l2c.storage`). Shards are
 published atomically (temp name + rename on filesystems, one upload on object stores); the manifest is
 updated after, so a shard listed in the manifest is always whole. Readers go through `TextCache`.
+
+A job records each finished shard as one small file in `manifest.d/` and folds them into `manifest.json` at
+its start and end. A process merges the journal once: `Manifest.load` keeps what it read per location and
+reads again only when `manifest.json` or the journal's listing (names, sizes, times) has changed.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from l2c.errors import L2CError
@@ -40,6 +46,7 @@ REJECTED = "rejected.jsonl"
 REJECTED_DIR = "rejected"
 COLUMNS = ("key", "field", "embedding", "n_tokens", "truncated")
 STORE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+ROW_GROUP_BYTES = 128 << 20  # vectors per Parquet row group: a reader of part of a large shard holds one group
 
 
 class CacheError(L2CError, ValueError):
@@ -99,9 +106,13 @@ def write_shard_file(store: str | Path | Store, name: str, table: pa.Table) -> t
     costs more than half the write time (benchmarks/bench_node.py: 2.6x faster writes, 2.4x faster reads).
     """
 
+    emb = table.schema.field("embedding").type if "embedding" in table.schema.names else None
+    row_bytes = emb.list_size * emb.value_type.byte_width if emb is not None and emb.list_size else 1024
+    group = max(1024, ROW_GROUP_BYTES // row_bytes)  # a shard of a large table is read a group at a time
+
     def write(tmp):
         compression = "zstd" if table.num_rows else "none"
-        pq.write_table(table, tmp, compression=compression, use_dictionary=["field"])
+        pq.write_table(table, tmp, compression=compression, use_dictionary=["field"], row_group_size=group)
 
     digest = as_store(store).write_file(name, write)
     return table.num_rows, digest
@@ -183,18 +194,66 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: str | Path | Store) -> Manifest:
-        """manifest.json plus the shards the journal records (a job killed before its final save)."""
+        """manifest.json plus the shards the journal records (a job killed before its final save).
+
+        Read once per process and location: a later call returns a copy of what was read (settings copied, the
+        `ShardEntry` objects shared: replace an entry, do not change it in place) while manifest.json and the
+        journal's listing are unchanged, so a reader that opens the cache per shard costs two listings."""
         store = open_cache_store(directory)
-        if not store.exists(MANIFEST):
+        stamp = _stamp(store)
+        if stamp is None:
             raise CacheError(f"{store} has no {MANIFEST}: not a text cache (run `l2c embed-captions`)")
+        seen = _LOADED.get(store.url)
+        if seen is None or seen[0] != stamp:
+            seen = (stamp, cls._read(store, [name for name, *_ in stamp[1]]))
+            _LOADED[store.url] = seen
+        m = seen[1]
+        return cls(settings=copy.deepcopy(m.settings), shards=dict(m.shards), format=m.format,
+                   format_version=m.format_version, l2c_version=m.l2c_version)  # fmt: skip
+
+    @classmethod
+    def _read(cls, store: Store, journal: list[str]) -> Manifest:
         m = cls.from_dict(json.loads(store.read_text(MANIFEST)))
-        for name in store.list(JOURNAL_DIR, ".json"):
+        for name in journal:
             try:
                 for shard, entry in json.loads(store.read_text(f"{JOURNAL_DIR}/{name}")).items():
                     m.shards[shard] = ShardEntry(**entry)
             except (json.JSONDecodeError, TypeError, FileNotFoundError):
                 continue  # written atomically, so only a foreign file lands here; its shard is redone
         return m
+
+
+_LOADED: dict[str, tuple[tuple, Manifest]] = {}  # location -> (stamp, manifest and journal merged)
+_STAMP_KEYS = ("size", "mtime", "ino", "ETag", "etag", "LastModified", "last_modified", "generation", "updated")
+
+
+def _stamp(store: Store) -> tuple | None:
+    """What changes when the manifest does: manifest.json's size, time and inode (or ETag), and the journal's
+    file names with theirs; None without a manifest.json."""
+
+    def mark(info: dict) -> tuple:
+        return tuple(str(info[k]) for k in _STAMP_KEYS if k in info)
+
+    def fresh(rel: str) -> str:
+        path = store.path(rel)
+        if not store.local:
+            store.fs.invalidate_cache(path)  # other processes write here
+        return path
+
+    try:
+        info = store.fs.info(fresh(MANIFEST))
+    except FileNotFoundError:
+        return None
+    try:
+        entries = store.fs.ls(fresh(JOURNAL_DIR), detail=True)
+    except FileNotFoundError:
+        entries = []
+    journal = []
+    for e in entries:
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        if e.get("type") == "file" and name.endswith(".json") and not name.startswith(".tmp-"):
+            journal.append((name, *mark(e)))
+    return mark(info), tuple(sorted(journal))
 
 
 def open_cache_store(spec: str | Path | Store) -> Store:
@@ -212,6 +271,8 @@ class TextCache:
     >>> cache.dim, cache.fields, len(cache)
     >>> keys, fields, vecs = cache.load()              # everything, as numpy
     >>> table = cache.read_shard("shard-000")          # one shard, as Arrow, rows in source order
+    >>> found = cache.find_keys(["k1", "k2"])          # where some keys' rows are (key and field columns read)
+    >>> for vecs in cache.read_vectors(found): ...     # their vectors, a row group at a time
     """
 
     FORMAT = FORMAT_NAME
@@ -308,6 +369,35 @@ class TextCache:
         emb = np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype)
         return keys, flds, emb
 
+    def open_shard(self, name: str) -> pq.ParquetFile:
+        """One shard's Parquet file, opened (its footer read): read it a row group at a time."""
+        return pq.ParquetFile(self.store.path(self.manifest.shards[name].file), filesystem=self._arrow_fs)
+
+    def find_keys(self, keys: list[str], fields: list[str] | None = None) -> KeyRows:
+        """Where the rows of `keys` (of the `fields` asked for, see `field_mask`; all when None) lie, in cache
+        order. Reads the key and field columns only, a row group at a time, matched in batches of at least
+        four times as many rows as keys (one hash table per batch): memory stays at one batch of keys."""
+        if fields is not None:
+            self.field_mask([], fields)  # an unknown field fails here, listing the cache's fields
+        want = pa.array(list(keys), pa.string())
+        found = _KeyMatcher(want, fields, max(1 << 21, 4 * len(want)))
+        for name in self.shard_names:
+            if not self.manifest.shards[name].rows:
+                continue
+            pf = self.open_shard(name)
+            for group in range(pf.num_row_groups):
+                found.add(name, group, pf.read_row_group(group, columns=["key", "field"]))
+        return found.result()
+
+    def read_vectors(self, found: KeyRows, dtype=np.float16) -> Iterator[np.ndarray]:
+        """The vectors of `found`'s rows as [rows, dim] arrays, one per row group that holds some, in order."""
+        pf, shard = None, None
+        for name, group, rows in found.pieces:
+            if name != shard:
+                pf, shard = self.open_shard(name), name
+            table = pf.read_row_group(group, columns=["embedding"]).take(pa.array(rows))
+            yield embedding_matrix(table, dtype)
+
     def shard_dim(self, name: str) -> int:
         """The vector length a shard's file holds (from its Parquet schema; no data read)."""
         schema = pq.read_schema(self.store.path(self.manifest.shards[name].file), filesystem=self._arrow_fs)
@@ -354,6 +444,76 @@ class TextCache:
                 else:
                     problems.append(f"{name}: columns {schema.names} / {got} differ from the cache format's")
         return problems
+
+
+@dataclass
+class KeyRows:
+    """Where the rows of some keys lie in a text cache (`TextCache.find_keys`), in cache order."""
+
+    pieces: list[tuple[str, int, np.ndarray]]  # (shard, row group, row numbers in the group) with such rows
+    key_index: np.ndarray  # [n] int64: the position of each row's key in the keys asked for
+    field_index: np.ndarray  # [n] int32: each row's field, an index into `fields`
+    fields: list[str]  # the rows' field names (`json:captions[0]`, ...), in the order first met
+    other_rows: int  # rows of the fields asked for whose key was not asked for (never read further)
+
+    def __len__(self) -> int:
+        return len(self.key_index)
+
+
+class _KeyMatcher:
+    """`find_keys`' batches: key and field columns gathered until `batch_rows`, then matched at once."""
+
+    def __init__(self, want: pa.Array, fields: list[str] | None, batch_rows: int):
+        self.want, self.fields, self.batch_rows = want, fields, batch_rows
+        self.names: list[str] = []  # row field names met, allowed or not
+        self.allowed: list[bool] = []
+        self.pending: list[tuple[str, int, pa.Table]] = []
+        self.pieces: list[tuple[str, int, np.ndarray]] = []
+        self.key_parts: list[np.ndarray] = []
+        self.field_parts: list[np.ndarray] = []
+        self.other = 0
+
+    def add(self, shard: str, group: int, table: pa.Table) -> None:
+        self.pending.append((shard, group, table))
+        if sum(t.num_rows for *_, t in self.pending) >= self.batch_rows:
+            self._match()
+
+    def _codes(self, field_col: pa.ChunkedArray) -> np.ndarray:
+        for name in pc.unique(field_col).to_pylist():
+            if name not in self.names:
+                self.names.append(name)
+                self.allowed.append(self.fields is None or bool(row_mask([name], self.fields)[0]))
+        return pc.index_in(field_col, value_set=pa.array(self.names, pa.string())).to_numpy(zero_copy_only=False)
+
+    def _match(self) -> None:
+        if not self.pending:
+            return
+        keys = pa.chunked_array([t.column("key").combine_chunks() for *_, t in self.pending], pa.string())
+        flds = pa.chunked_array([t.column("field").combine_chunks() for *_, t in self.pending], pa.string())
+        key_idx = pc.index_in(keys, value_set=self.want).fill_null(-1).to_numpy(zero_copy_only=False)
+        codes = self._codes(flds)
+        ok = np.asarray(self.allowed, bool)[codes]
+        self.other += int(np.count_nonzero(ok & (key_idx < 0)))
+        hit = ok & (key_idx >= 0)
+        start = 0
+        for shard, group, t in self.pending:
+            rows = np.flatnonzero(hit[start : start + t.num_rows])
+            if len(rows):
+                self.pieces.append((shard, group, rows))
+                self.key_parts.append(key_idx[start + rows].astype(np.int64))
+                self.field_parts.append(codes[start + rows].astype(np.int32))
+            start += t.num_rows
+        self.pending = []
+
+    def result(self) -> KeyRows:
+        self._match()
+        key_index = np.concatenate(self.key_parts) if self.key_parts else np.zeros(0, np.int64)
+        codes = np.concatenate(self.field_parts) if self.field_parts else np.zeros(0, np.int32)
+        used, first = np.unique(codes, return_index=True)
+        used = used[np.argsort(first)]  # field codes in the order first met among the rows found
+        remap = np.zeros(len(self.names), np.int32)
+        remap[used] = np.arange(len(used), dtype=np.int32)
+        return KeyRows(self.pieces, key_index, remap[codes], [self.names[c] for c in used], self.other)
 
 
 def embedding_matrix(table: pa.Table, dtype=np.float32) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""CLI commands of the pipeline: `embed-captions`, `embed-images` and `cache-info`."""
+"""CLI commands of the pipeline: `embed-captions`, `embed-images`, `cache-info` and `align-cache`."""
 
 from __future__ import annotations
 
@@ -203,7 +203,62 @@ def embed_images(
     return s
 
 
+def align_cache(
+    text_cache: Annotated[str, typer.Option("--text-cache", help="the text cache to align: rows grouped otherwise than the tars (e.g. embedded from caption tables)")],
+    images: Annotated[list[str], typer.Option("--images", help="image tars: paths, directories, globs, brace ranges, URLs (repeatable)")],
+    out: Annotated[str, typer.Option("--out", "-o", help="the aligned cache: one shard per tar (a path or an object-store URL); a rerun writes only the shards it lacks")],
+    partition_mb: Annotated[float, typer.Option(help="vectors per partition, MB: what one task holds (about twice this at its peak)")] = 1024,
+    ray_address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="join a Ray cluster (default: this process, or a running local Ray)")] = None,
+    runner: Annotated[str, typer.Option(help="auto|local|ray: local runs the stages in this process (auto does when no Ray is addressed or running), ray as a Ray Data job")] = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> dict:  # fmt: skip
+    """Rewrite a text cache as one shard per image tar, rows in the tar's key order (an aligned cache)."""
+    from l2c.pipeline.align import AlignConfig, run_align
+
+    s = run_align(AlignConfig(text_cache, list(images), out, partition_mb, ray_address, runner, progress))
+    t = Table(title=f"align-cache → {s['out']}", show_header=False)
+    t.add_row("shards (written / skipped / total)", f"{s['shards_written']} / {s['shards_skipped']} / {s['tars']}")
+    if s["shards_failed"]:
+        t.add_row("[red]tars unreadable", ", ".join(s["shards_failed"]))
+    if s["shards_partial"]:
+        t.add_row("[yellow]shards partial (damaged tar)", ", ".join(s["shards_partial"]))
+    t.add_row("vectors in cache", f"{s['rows']:,} × {s['dim']}")
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["rejected_by_reason_this_run"].items())) or "none"
+    t.add_row("tar keys without a vector (rejected.jsonl)", f"{s['rejected']:,}  ({reasons})")
+    t.add_row("text cache rows of no tar aligned now", f"{s['cache_rows_not_routed']:,} of {s['cache_rows_read']:,}")
+    t.add_row("partitions / peak RSS per task", f"{s['partitions']} / {max(s['peak_rss_mb'].values()):,.0f} MB")
+    t.add_row("time", f"{s['seconds']:.1f} s  ({_runner_text(s)})")
+    console.print(t)
+    return s
+
+
+def mine_negatives(
+    text_cache: Annotated[str, typer.Option("--text-cache", help="the text cache whose keys to mine (a path or an object-store URL)")],
+    out: Annotated[str | None, typer.Option("--out", "-o", help="where the neighbours go: one Parquet per cache shard (default TEXT_CACHE/negatives, where train-vision looks)")] = None,
+    k: Annotated[int, typer.Option(help="neighbours kept per key, nearest first")] = 16,
+    field: Annotated[list[str], typer.Option("--field", "-f", help="repeatable: the caption fields a key's vector averages (default all)")] = [],  # noqa: B006
+    index: Annotated[str, typer.Option(help="auto | flat (exact) | ivfpq (PCA, IVF-HNSW, PQ: bounded memory at any size) | a faiss index_factory string")] = "auto",
+    nprobe: Annotated[int, typer.Option(help="inverted lists searched per query (ivfpq and IVF factory strings)")] = 16,
+    train_size: Annotated[int, typer.Option(help="key vectors sampled to train the index")] = 262_144,
+    seed: Annotated[int, typer.Option(help="seed of the training sample")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> dict:  # fmt: skip
+    """Mine each key's nearest other keys in a text cache (faiss), one Parquet per cache shard (resumable)."""
+    from l2c.pipeline.negatives import MineConfig, run_mine
+
+    s = run_mine(MineConfig(text_cache, out or "", k, list(field), index, nprobe, train_size=train_size, seed=seed,
+                            progress=progress))  # fmt: skip
+    t = Table(title=f"mine-negatives → {s['out']}", show_header=False)
+    t.add_row("keys / shards (written now)", f"{s['keys']:,} / {s['shards']} ({s['shards_written']})")
+    t.add_row("index / neighbours per key", f"{s['index']} / {k}")
+    t.add_row("time", f"{s['seconds']:.1f} s")
+    console.print(t)
+    return s
+
+
 def register(app: typer.Typer) -> None:
     app.command("embed-captions")(embed_captions)
     app.command("embed-images")(embed_images)
     app.command("cache-info")(cache_info)
+    app.command("align-cache")(align_cache)
+    app.command("mine-negatives")(mine_negatives)

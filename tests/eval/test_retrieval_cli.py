@@ -109,12 +109,12 @@ def test_eval_retrieval_missing_and_duplicate_keys(refused, setup, make_cache, t
     cache = make_cache(t_keys, ["txt"] * 30, rng.standard_normal((30, TEXT_DIM)), fingerprint="f00d")
     args = ["eval-retrieval", "--model", str(root / "run"), "--images", str(root / "shards"), "--text-cache",
             str(cache)]  # fmt: skip
-    refused(args, r"1 image\(s\) have no caption \('s0-0000'\)")
+    refused(args, r"1 image\(s\) have no caption \('s0-0000'\)\. Check")
     assert main([*args, "--allow-missing", "--out", str(tmp_path / "o")]) == 0
     got = json.loads((tmp_path / "o" / "eval.json").read_text())
-    assert got["missing"]["image_keys"] == ["s0-0000"] and got["missing"]["text_keys"] == [
-        ["not-an-image", "txt"]
-    ]
+    # the caption of a key that is no evaluated image is outside the evaluation: counted, not read, not missing
+    assert got["missing"]["image_keys"] == ["s0-0000"] and got["missing"]["text_keys"] == []
+    assert got["cache_rows_not_evaluated"] == 1
     assert got["n_images"] == 30 and got["n_image_queries"] == 29 and got["n_texts"] == 29
     # the same key in two shards
     dup = tmp_path / "dup"
