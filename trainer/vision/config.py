@@ -59,6 +59,9 @@ class ModelConfig:
     # A released LLM2CLIP model directory (e.g. LLM2CLIP-Openai-L-14-336) to start from: tower, projection,
     # adapter and logit scale loaded (trainer/vision/released.py); the tower comes from it.
     init: str = ""
+    # Matryoshka dims: the loss is also taken on these prefixes of the joint embedding (each re-normalised), so
+    # vectors cut to one of them still retrieve; empty: off. Recorded in the export.
+    nested_dims: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.init and not self.vision.pretrained:
@@ -72,6 +75,9 @@ class ModelConfig:
             )
         if self.embed_dim < 1 or self.text_dim < 0:
             raise ConfigError("model.embed_dim must be >= 1 and model.text_dim >= 0")
+        dims = self.nested_dims
+        if any(not isinstance(d, int) or not 0 < d <= self.embed_dim for d in dims) or dims != sorted(set(dims)):
+            raise ConfigError(f"model.nested_dims must be increasing dims in 1..embed_dim ({self.embed_dim}), got {dims}")
 
 
 @dataclass
@@ -111,6 +117,15 @@ class LossConfig:
     kind: Literal["clip", "siglip"] = "clip"
     gather_with_grad: bool = True  # all-gather features with gradients (open_clip's local loss scheme)
     siglip_bias_init: float = -10.0
+    # one: one caption per image and step, drawn by data.caption_weights (the official recipe); all: every
+    # cached caption of the image's used fields, all of them its positives (trainer/vision/loss.py)
+    positives: Literal["one", "all"] = "one"
+    hard_negatives: int = 0  # captions of N mined neighbours per image as extra gallery texts (l2c mine-negatives)
+    negatives: str = ""  # the mined neighbours (default: TEXT_CACHE/negatives)
+
+    def validate(self) -> None:
+        if self.hard_negatives < 0:
+            raise ConfigError(f"loss.hard_negatives must be >= 0, got {self.hard_negatives}")
 
 
 @dataclass

@@ -49,7 +49,7 @@ from l2c.trainer.vision.config import TrainConfig
 from l2c.trainer.vision.data import SKIP_KINDS, StreamSpec
 from l2c.trainer.vision.export import export_model
 from l2c.trainer.vision.loader import make_loader
-from l2c.trainer.vision.loss import make_loss
+from l2c.trainer.vision.loss import make_loss, nested_dims
 from l2c.trainer.vision.model import L2CModel
 from l2c.trainer.vision.optim import make_optimizer
 from l2c.trainer.vision.pairing import ShardFinder, plan_tars, used_fields
@@ -112,6 +112,7 @@ def build_model(cfg: TrainConfig, text_dim: int) -> tuple[L2CModel, object]:
         feature=cfg.model.vision.feature,
         head_layers=cfg.model.vision.head_layers,
         head_hidden=cfg.model.vision.head_hidden,
+        nested_dims=nested_dims(cfg.model.nested_dims, cfg.model.embed_dim),
     )
     if cfg.model.init:  # a released LLM2CLIP checkpoint: its weights before any freezing
         from l2c.trainer.vision.released import init_from_released
@@ -221,7 +222,8 @@ def setup(job: TrainJob, device: str | torch.device | None = None) -> tuple[Run,
     opt = make_optimizer(model, cfg.optim)
     sched = make_scheduler(opt, cfg.steps, cfg.optim.warmup_steps, "cosine", cfg.optim.min_lr_ratio)
     r = Run(job, rank, world, device, run, paths, cache, fields, model, D.wrap_ddp(model, device), processor,
-            opt, sched, RunLog(paths.metrics, rank == 0), make_loss(cfg.loss.kind, cfg.loss.gather_with_grad))  # fmt: skip
+            opt, sched, RunLog(paths.metrics, rank == 0),
+            make_loss(cfg.loss.kind, cfg.loss.gather_with_grad, model.nested_dims))  # fmt: skip
     return r, ckpt
 
 
@@ -305,6 +307,7 @@ def make_stream(r: Run, shards: list[str]):
     pairing = plan.pairing(r.cache, r.fields, index, shuffle_seed(cfg))
     if plan.join:
         pairing.info["join_index"] = {"dir": str(index), "rows": plan.join_estimate["rows"], "built_now": built}
+    negatives = _negatives(r)
     spec = StreamSpec(
         shards=shards,
         pairing=pairing,
@@ -323,19 +326,46 @@ def make_stream(r: Run, shards: list[str]):
         rotation=r.step % max(1, cfg.data.workers),
         image_cache=r.image_cache.dir if r.image_cache is not None else None,
         feature=cfg.model.vision.feature,
+        positives=cfg.loss.positives,
+        negatives=negatives,
+        hard_negatives=cfg.loss.hard_negatives,
     )
     loader = make_loader(spec, pin_memory=r.device.type == "cuda", prefetch_factor=cfg.data.prefetch_factor)
     return pairing, loader
 
 
+def _negatives(r: Run):
+    """The mined neighbours' bank (`loss.hard_negatives`, see negatives.py), its tables built before the other
+    ranks open them; None without."""
+    if not r.cfg.loss.hard_negatives:
+        return None
+    from l2c.trainer.vision.negatives import plan_negatives
+
+    where = r.cfg.loss.negatives or f"{r.cache.dir}/negatives"
+    args = (r.cache, where, r.run, r.fields)
+    bank = plan_negatives(*args, main=True, max_rows=r.cfg.data.join_max_rows) if r.main else None
+    D.barrier()
+    return bank or plan_negatives(*args, main=False, max_rows=r.cfg.data.join_max_rows)
+
+
 def train_step(r: Run, batch: dict, autocast) -> torch.Tensor:
-    """One optimiser step on `batch`; advances the step, data position and digest. Returns the loss."""
+    """One optimiser step on `batch`; advances the step, data position and digest. Returns the loss.
+
+    A batch may hold several captions per image (`owner`) and mined negatives (`negatives`, `negative_owner`):
+    the adapter takes them all in one pass and the loss sorts them out (loss.py)."""
     feats = batch["features"].to(r.device, non_blocking=True) if "features" in batch else None  # --image-cache
     pixels = batch["pixel_values"].to(r.device, non_blocking=True) if feats is None else None
     vectors = batch["vectors"].to(r.device, non_blocking=True)
+    n_txt = vectors.shape[0]
+    if "negatives" in batch:
+        vectors = torch.cat([vectors, batch["negatives"].to(r.device, non_blocking=True)])
+    extra = {k: batch[b].to(r.device) for k, b in (("owner", "owner"), ("extra_owner", "negative_owner")) if b in batch}
     with autocast:
-        img, txt, scale, bias = r.net(pixels, vectors, features=feats)
-        loss = r.loss_fn(img, txt, scale, bias)
+        raw = getattr(r.loss_fn, "wants_raw", False)  # a nested loss cuts the features before normalising
+        img, txt, scale, bias = r.net(pixels, vectors, features=feats, normalize=not raw)
+        if "negatives" in batch:
+            txt, extra["extra"] = txt[:n_txt], txt[n_txt:]
+        loss = r.loss_fn(img, txt, scale, bias, **extra)
     if not torch.isfinite(loss.detach()):
         raise NonFinite(f"step {r.step + 1}: the loss is {float(loss.detach())}; the run stops here (its last checkpoint is "
                         f"the last good state; lower optim.lr or check the text cache with `l2c cache-info`)")  # fmt: skip
