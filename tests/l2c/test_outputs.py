@@ -44,28 +44,34 @@ def run_dir(tmp_path_factory) -> Path:
     return run
 
 
+MINE = {"notes.txt": b"mine\n", "photo.jpg": b"\xff\xd8not really"}
+
+
 def user_folder(path: Path) -> Path:
     path.mkdir(parents=True)
-    (path / "notes.txt").write_text("mine\n")
-    (path / "photo.jpg").write_bytes(b"\xff\xd8not really")
+    for name, data in MINE.items():
+        (path / name).write_bytes(data)
     return path
+
+
+def refuses_a_file_and_a_folder_of_others(refused, cmd: list, tmp_path: Path, command: str) -> Path:
+    """`cmd --out X` is refused for X a file and for a folder of the user's files, both left as they were;
+    returns that folder."""
+    a_file = tmp_path / "kept.bin"
+    a_file.write_bytes(b"bytes I keep")
+    refused([*cmd, "--out", a_file], rf"--out .*kept.bin is a file \(12 bytes\): {command} writes a folder")
+    mine = user_folder(tmp_path / "mine")
+    refused([*cmd, "--out", mine], rf"holds 2 entries {command} did not write \(notes.txt, photo.jpg\)")
+    assert a_file.read_bytes() == b"bytes I keep"
+    assert snapshot(mine) == {n: hashlib.sha256(d).hexdigest() for n, d in MINE.items()}
+    return mine
 
 
 @pytest.mark.parametrize("fmt", ["llm2clip-hf", "open_clip"])
 def test_export_out_rule(fmt, run_dir, refused, tmp_path, monkeypatch):
     run_before = snapshot(run_dir)
+    refuses_a_file_and_a_folder_of_others(refused, ["export", run_dir, "--format", fmt], tmp_path, "export")
     export = ["export", run_dir, "--format", fmt, "--out"]
-
-    a_file = tmp_path / "model.bin"
-    a_file.write_bytes(b"weights I keep")
-    refused([*export, a_file], r"--out .*model.bin is a file \(14 bytes\)")
-    assert a_file.read_bytes() == b"weights I keep"
-
-    mine = user_folder(tmp_path / "mine")
-    refused([*export, mine], r"holds 2 entries export did not write \(notes.txt, photo.jpg\)")
-    assert snapshot(mine) == {"notes.txt": hashlib.sha256(b"mine\n").hexdigest(),
-                              "photo.jpg": hashlib.sha256(b"\xff\xd8not really").hexdigest()}  # fmt: skip
-
     refused([*export, run_dir], r"is a run directory \(config.yaml, checkpoints/")
     refused([*export, run_dir / "export"], r"is inside a run directory .* at .*run")
     refused([*export, run_dir / "hf"], r"is inside a run directory")
@@ -109,13 +115,9 @@ def test_make_shards_out_rule(refused, tmp_path):
     Image.new("RGB", (16, 16), (200, 30, 30)).save(images / "a.jpg")
     captions = tmp_path / "captions.jsonl"
     captions.write_text(json.dumps({"image_id": "a", "file": "a.jpg", "captions": ["a red square"]}) + "\n")
+    mine = refuses_a_file_and_a_folder_of_others(refused, ["make-shards", images, "--captions", captions], tmp_path,
+                                                 "make-shards")  # fmt: skip
     cmd = ["make-shards", images, "--captions", captions, "--out"]
-    a_file = tmp_path / "shards.tar"
-    a_file.write_bytes(b"a tar I keep")
-    refused([*cmd, a_file], r"is a file \(12 bytes\): make-shards writes a folder")
-    assert a_file.read_bytes() == b"a tar I keep"
-    mine = user_folder(tmp_path / "mine")
-    refused([*cmd, mine], r"holds 2 entries make-shards did not write")
     refused([*cmd, mine, "--split", "train=0.5", "--split", "val=0.5"], r"holds 2 entries make-shards")
     assert sorted(os.listdir(mine)) == ["notes.txt", "photo.jpg"]
     out = tmp_path / "shards"
@@ -129,19 +131,16 @@ def test_embed_out_rule(refused, run_dir, tmp_path):
     captions = tmp_path / "c.jsonl"
     captions.write_text(json.dumps({"image_id": "a", "caption": "a dog on grass"}) + "\n")
     cmd = ["embed-captions", captions, "--key-field", "image_id", "--text-field", "caption", "--model", "minilm",
-           "--no-progress", "--out"]  # fmt: skip
-    a_file = tmp_path / "cache"
-    a_file.write_text("not a cache\n")
-    refused([*cmd, a_file], r"is a file \(12 bytes\): embed-captions writes a folder")
-    mine = user_folder(tmp_path / "mine")
-    refused([*cmd, mine], r"holds 2 entries embed-captions did not write \(notes.txt, photo.jpg\)")
+           "--no-progress"]  # fmt: skip
+    mine = refuses_a_file_and_a_folder_of_others(refused, cmd, tmp_path, "embed-captions")
+    cmd.append("--out")
     refused([*cmd, run_dir / "cache"], r"is inside a run directory")
     cache = tmp_path / "a-cache"
     cache.mkdir()
     (cache / "manifest.json").write_text(json.dumps({"format": "l2c-text-cache", "shards": {}}) + "\n")
     refused([*cmd, cache / "sub"], r"is inside a text cache \(manifest.json\)")
     refused(["embed-images", captions, "--model", "x", "--no-progress", "--out", mine], r"holds 2 entries embed-images")
-    assert a_file.read_text() == "not a cache\n" and sorted(os.listdir(mine)) == ["notes.txt", "photo.jpg"]
+    assert sorted(os.listdir(mine)) == ["notes.txt", "photo.jpg"]
     assert not (run_dir / "cache").exists() and not (cache / "sub").exists()
 
 
@@ -150,16 +149,11 @@ def test_eval_out_rule(command, refused, run_dir, tmp_path):
     args = {"eval-retrieval": ["--model", run_dir, "--images", tmp_path / "x.tar", "--text-cache", tmp_path],
             "eval-zeroshot": ["--model", run_dir, "--images", tmp_path / "x.tar", "--classes", tmp_path / "c.txt"],
             "eval-cra": ["--text-cache", tmp_path]}[command]  # fmt: skip
-    a_file = tmp_path / "eval.json"
-    a_file.write_text("{}\n")
-    refused([command, *args, "--out", a_file], rf"is a file \(3 bytes\): {command} writes a folder")
-    mine = user_folder(tmp_path / "mine")
-    refused([command, *args, "--out", mine], rf"holds 2 entries {command} did not write")
+    refuses_a_file_and_a_folder_of_others(refused, [command, *args], tmp_path, command)
     refused([command, *args, "--out", run_dir], r"is a run directory")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / MARKER).write_text(json.dumps({"command": "export"}))
     refused([command, *args, "--out", tmp_path / "other"], r"holds the output of l2c export")
-    assert a_file.read_text() == "{}\n" and sorted(os.listdir(mine)) == ["notes.txt", "photo.jpg"]
 
 
 def test_eval_writes_again_into_its_own_output(tmp_path):
