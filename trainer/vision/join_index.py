@@ -71,11 +71,15 @@ def check_size(cache: TextCache, max_rows: int, why: str, images: str | list[str
     if est["rows"] > max_rows:
         raise CacheError(
             f"{why} needs a join index of the whole text cache {cache.dir}: {est['rows']:,} rows, "
-            f"~{est['bytes'] / 1e9:,.1f} GB of vectors, ~{_duration(est['seconds'])} to build, above "
+            f"~{_size(est['bytes'])} of vectors, ~{_duration(est['seconds'])} to build, above "
             f"data.join_max_rows={max_rows:,}. Align the cache to the tars once instead: "
             f"`{align_command(cache, images)}`, then train with --text-cache DIR"
         )
     return est
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
 def _duration(s: float) -> str:
