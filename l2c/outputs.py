@@ -66,26 +66,27 @@ def _marker(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def check(out: str | Path, command: str, owns: tuple[str, ...] = (), cache_ok: bool = False) -> Path:
+def check(out: str | Path, command: str, owns: tuple[str, ...] = (), cache_ok: bool = False,
+          option: str = "--out") -> Path:  # fmt: skip
     """The absolute `--out` of `command` if it may write there (see the module's rule), else `OutputRefused`.
 
     `owns`: name patterns of what the command writes in place, so a folder holding only those is its own;
-    `cache_ok`: a cache folder is the command's own (the embed commands)."""
-    given = str(out)
+    `cache_ok`: a cache folder is the command's own (the embed commands); `option`: how messages name it."""
+    given = f"{option} {out}" if option else str(out)
     p = Path(out).expanduser().resolve()
     if p.exists() and not p.is_dir():
-        raise OutputRefused(f"--out {given} is a file ({p.stat().st_size:,} bytes): {command} writes a folder; "
+        raise OutputRefused(f"{given} is a file ({p.stat().st_size:,} bytes): {command} writes a folder; "
                             "choose a new folder")  # fmt: skip
     cwd = Path.cwd().resolve()
     if p == cwd or p in cwd.parents:
         where = "the current directory" if p == cwd else f"a folder above the current directory ({cwd})"
-        raise OutputRefused(f"--out {given} is {where}: {command} writes a folder of its own; choose a new folder")
+        raise OutputRefused(f"{given} is {where}: {command} writes a folder of its own; choose a new folder")
     for place in (p, *p.parents):
         kind = what_is(place)
         if kind is None or (place == p and cache_ok and is_cache(p)):
             continue
         where = f"is {kind}" if place == p else f"is inside {kind} at {place}"
-        raise OutputRefused(f"--out {given} {where}: {command} never writes over or into it; choose a new folder")
+        raise OutputRefused(f"{given} {where}: {command} never writes over or into it; choose a new folder")
     if p.is_dir():
         _check_entries(given, sorted(os.listdir(p)), _marker(p), command, owns, cache_ok)
     return p
@@ -105,7 +106,7 @@ def check_store(store, command: str, given: str | None = None) -> None:
     except FileNotFoundError:
         return
     if "manifest.json" not in names:
-        _check_entries(store.display(), names, None, command, (), True)
+        _check_entries(f"--out {store.display()}", names, None, command, (), True)
 
 
 def _check_entries(given: str, entries: list[str], mark: dict | None, command: str, owns: tuple[str, ...],
@@ -118,10 +119,10 @@ def _check_entries(given: str, entries: list[str], mark: dict | None, command: s
     if mark is None and owns and all(any(fnmatch(n, pat) for pat in (*owns, ".tmp-*")) for n in entries):
         return
     if mark is not None:
-        raise OutputRefused(f"--out {given} holds the output of l2c {mark.get('command')}: {command} writes "
+        raise OutputRefused(f"{given} holds the output of l2c {mark.get('command')}: {command} writes "
                             "only a new or empty folder or its own earlier output; choose a new folder")  # fmt: skip
     shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-    raise OutputRefused(f"--out {given} holds {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} "
+    raise OutputRefused(f"{given} holds {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} "
                         f"{command} did not write ({shown}): it writes only a new or empty folder or its own "
                         "earlier output; choose a new folder")  # fmt: skip
 

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import typer
 
+# what make-demo-data writes in OUT (a folder holding only these is its own earlier output)
+DEMO_NAMES = ("train", "val", "classes.txt", "templates.txt", "info.json", "preview.png")
+
 
 def _register_demo_data(app) -> None:
     @app.command("make-demo-data")
@@ -23,6 +26,7 @@ def _register_demo_data(app) -> None:
         preview: bool = typer.Option(False, "--preview", help="Also write OUT/preview.png, a grid of samples."),
     ) -> None:
         """Generate procedural scenes (coloured shapes) with short and dense captions as webdataset shards."""
+        from l2c import outputs
         from l2c.data.demo_data import (
             DemoDataConfig,
             contact_sheet,
@@ -32,7 +36,9 @@ def _register_demo_data(app) -> None:
 
         cfg = DemoDataConfig(n=n, val_n=val_n, image_size=image_size, shard_size=shard_size, seed=seed,
                              min_objects=min_objects, max_objects=max_objects, image_format=image_format)
+        outputs.check(out, "make-demo-data", owns=DEMO_NAMES, option="OUT")  # before any work
         info = make_demo_data(out, cfg, overwrite=overwrite)
+        outputs.mark(out, "make-demo-data")
         print_summary(info, out)
         if preview:
             typer.echo(f"preview: {contact_sheet(out, out / 'preview.png')}")

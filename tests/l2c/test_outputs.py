@@ -192,3 +192,14 @@ def test_what_a_folder_is(tmp_path):
     assert check(img, "embed-images", cache_ok=True) == img.resolve()
     with pytest.raises(OutputRefused, match="is an image cache"):
         check(img, "make-shards")
+
+
+def test_make_demo_data_out_rule(refused, tmp_path):
+    mine = user_folder(tmp_path / "mine")
+    refused(["make-demo-data", mine, "--n", "4", "--val-n", "0"], r"OUT .*mine holds 2 entries make-demo-data")
+    (tmp_path / "classes.txt").write_text("my classes\n")
+    refused(["make-demo-data", tmp_path / "classes.txt", "--n", "4"], r"OUT .*classes.txt is a file")
+    out = tmp_path / "demo"
+    for _ in range(2):  # its own output again
+        assert main(["make-demo-data", str(out), "--n", "4", "--val-n", "2", "--shard-size", "2"]) == 0
+    assert sorted(os.listdir(mine)) == ["notes.txt", "photo.jpg"] and len(os.listdir(out / "train")) == 2
