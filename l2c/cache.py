@@ -370,8 +370,17 @@ class TextCache:
         return keys, flds, emb
 
     def open_shard(self, name: str) -> pq.ParquetFile:
-        """One shard's Parquet file, opened (its footer read): read it a row group at a time."""
-        return pq.ParquetFile(self.store.path(self.manifest.shards[name].file), filesystem=self._arrow_fs)
+        """One shard's Parquet file, opened (its footer read) for streamed reading (`iter_batches`)."""
+        return pq.ParquetFile(self.store.path(self.manifest.shards[name].file), filesystem=self._arrow_fs,
+                              buffer_size=1 << 20, pre_buffer=False)  # fmt: skip
+
+    def iter_batches(self, name: str, columns: list[str], row_groups: list[int] | None = None,
+                     pf: pq.ParquetFile | None = None) -> Iterator[pa.RecordBatch]:  # fmt: skip
+        """A shard's rows (of `row_groups`, all by default) in order, in batches of about `ROW_GROUP_BYTES` of
+        vectors, streamed: a larger row group (caches written before groups were bounded) is never held whole."""
+        pf = pf or self.open_shard(name)
+        rows = max(1024, min(1 << 20, ROW_GROUP_BYTES // (self.dim * 4 or 1)))
+        yield from pf.iter_batches(batch_size=rows, row_groups=row_groups, columns=columns, use_threads=False)
 
     def find_keys(self, keys: list[str], fields: list[str] | None = None) -> KeyRows:
         """Where the rows of `keys` (of the `fields` asked for, see `field_mask`; all when None) lie, in cache
@@ -390,13 +399,18 @@ class TextCache:
         return found.result()
 
     def read_vectors(self, found: KeyRows, dtype=np.float16) -> Iterator[np.ndarray]:
-        """The vectors of `found`'s rows as [rows, dim] arrays, one per row group that holds some, in order."""
+        """The vectors of `found`'s rows, in order, as [rows, dim] arrays: only the row groups that hold some are
+        read, each streamed in batches (`iter_batches`)."""
         pf, shard = None, None
         for name, group, rows in found.pieces:
             if name != shard:
                 pf, shard = self.open_shard(name), name
-            table = pf.read_row_group(group, columns=["embedding"]).take(pa.array(rows))
-            yield embedding_matrix(table, dtype)
+            start = 0
+            for batch in self.iter_batches(name, ["embedding"], [group], pf):
+                lo, hi = np.searchsorted(rows, [start, start + batch.num_rows])
+                if hi > lo:
+                    yield embedding_matrix(pa.Table.from_batches([batch]).take(pa.array(rows[lo:hi] - start)), dtype)
+                start += batch.num_rows
 
     def shard_dim(self, name: str) -> int:
         """The vector length a shard's file holds (from its Parquet schema; no data read)."""
@@ -453,7 +467,7 @@ class KeyRows:
     pieces: list[tuple[str, int, np.ndarray]]  # (shard, row group, row numbers in the group) with such rows
     key_index: np.ndarray  # [n] int64: the position of each row's key in the keys asked for
     field_index: np.ndarray  # [n] int32: each row's field, an index into `fields`
-    fields: list[str]  # the rows' field names (`json:captions[0]`, ...), in the order first met
+    fields: list[str]  # row field names (`json:captions[0]`, ...) of the fields asked for, in the order first met
     other_rows: int  # rows of the fields asked for whose key was not asked for (never read further)
 
     def __len__(self) -> int:
@@ -509,11 +523,10 @@ class _KeyMatcher:
         self._match()
         key_index = np.concatenate(self.key_parts) if self.key_parts else np.zeros(0, np.int64)
         codes = np.concatenate(self.field_parts) if self.field_parts else np.zeros(0, np.int32)
-        used, first = np.unique(codes, return_index=True)
-        used = used[np.argsort(first)]  # field codes in the order first met among the rows found
+        kept = [i for i, ok in enumerate(self.allowed) if ok]  # the fields asked for, in the order first met
         remap = np.zeros(len(self.names), np.int32)
-        remap[used] = np.arange(len(used), dtype=np.int32)
-        return KeyRows(self.pieces, key_index, remap[codes], [self.names[c] for c in used], self.other)
+        remap[kept] = np.arange(len(kept), dtype=np.int32)
+        return KeyRows(self.pieces, key_index, remap[codes], [self.names[i] for i in kept], self.other)
 
 
 def embedding_matrix(table: pa.Table, dtype=np.float32) -> np.ndarray:

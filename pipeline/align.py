@@ -167,16 +167,14 @@ def route_rows(batch: pa.Table, work: str, cache_dir: str) -> dict:
     for m, names in zip(batch["m"].to_pylist(), batch["shards"].to_pylist(), strict=True):
         buffers: dict[int, list[pa.Table]] = {}
         for name in json.loads(names):
-            pf = cache.open_shard(name)
             offset = 0
-            for group in range(pf.num_row_groups):
-                t = pf.read_row_group(group, columns=list(ROW_COLUMNS))
-                if t.schema.field("embedding").type.list_size != plan["dim"]:
+            for b in cache.iter_batches(name, list(ROW_COLUMNS)):
+                if b.schema.field("embedding").type.list_size != plan["dim"]:
                     raise CacheError(f"text cache {cache.dir}: shard {name} holds "
-                                     f"{t.schema.field('embedding').type.list_size}-dim vectors, the manifest "
+                                     f"{b.schema.field('embedding').type.list_size}-dim vectors, the manifest "
                                      f"says dim={plan['dim']}; the cache is damaged or mixed")  # fmt: skip
-                _route(t, (ordinal[name] << 40) + offset, index, part_of, buffers, stats)
-                offset += t.num_rows
+                _route(pa.Table.from_batches([b]), (ordinal[name] << 40) + offset, index, part_of, buffers, stats)
+                offset += b.num_rows
         for p, parts in buffers.items():
             _write_table(store, f"rows/{p:05d}/{m:06d}.parquet", pa.concat_tables(parts))
     return {"m": batch["m"].to_pylist(), "stats": [json.dumps({**stats, "rss_mb": _peak_rss_mb()})]}

@@ -58,6 +58,27 @@ def test_faiss_and_numpy_agree_and_batching_does_not_matter():
     np.testing.assert_allclose(s_f, s_n, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["faiss", "numpy"])
+def test_gallery_in_blocks_gives_the_one_block_result(backend, monkeypatch):
+    """A gallery searched in blocks (top k of each merged) gives what one block gives; float16 inputs are searched
+    as their float32 values; rows of queries and gallery are searched in place of copies."""
+    rng = np.random.default_rng(5)
+    q, g = unit(rng, 300, 32).astype(np.float16), unit(rng, 2000, 32).astype(np.float16)
+    one_s, one_i = search.topk(q.astype(np.float32), g.astype(np.float32), 10, backend=backend)
+    np.testing.assert_array_equal(one_i, brute_force_topk(q.astype(np.float32), g.astype(np.float32), 10))
+    monkeypatch.setattr(search, "GALLERY_BLOCK_BYTES", 4 * 32 * 333)  # 333 rows a block: 7 blocks, the last short
+    s, i = search.topk(q, g, 10, backend=backend, batch_size=64)
+    np.testing.assert_array_equal(i, one_i)
+    np.testing.assert_allclose(s, one_s, atol=1e-6)
+    q_rows, g_rows = np.arange(0, 300, 3), np.arange(1, 2000, 2)
+    got = np.concatenate([idx for _, _, idx in search.iter_topk(q, g, 5, backend, 16, None, q_rows, g_rows)])
+    np.testing.assert_array_equal(got, brute_force_topk(q[q_rows].astype(np.float32), g[g_rows].astype(np.float32), 5))
+    bad = g.copy()
+    bad[1500, 3] = np.inf  # in the fifth block
+    with pytest.raises(search.SearchError, match="gallery holds NaN or inf"):
+        search.topk(q, bad, 10, backend=backend)
+
+
 def test_topk_clips_k_and_checks_inputs():
     rng = np.random.default_rng(2)
     q, g = unit(rng, 4, 8), unit(rng, 3, 8)

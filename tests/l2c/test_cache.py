@@ -106,3 +106,67 @@ def test_journal_records_shards_flat_and_save_folds_it_in(tmp_path):
     m.save(tmp_path)
     assert not list((tmp_path / "manifest.d").glob("*.json"))
     assert json.loads((tmp_path / "manifest.json").read_text())["totals"]["shards"] == 4
+
+
+def test_a_process_merges_the_journal_once_until_it_changes(tmp_path):
+    """`Manifest.load` keeps what it read while manifest.json and the journal's listing are unchanged: a journal
+    file changed in place (same name, size and time) is not read again; a new journal file, a rewritten
+    manifest.json and the folded journal are. A caller changing its copy changes no later load."""
+    import os
+
+    make_cache(tmp_path)
+    m = Manifest.load(tmp_path)
+    n, digest = write_shard_file(tmp_path, "s1.parquet", pq.read_table(tmp_path / "s0.parquet"))
+    m.record(tmp_path, "s1", ShardEntry(file="s1.parquet", source="/x/s1.tar", rows=n, sha256=digest))
+    assert sorted(Manifest.load(tmp_path).shards) == ["s0", "s1"]
+    journal = tmp_path / "manifest.d" / "s1.json"
+    st = journal.stat()
+    journal.write_text(journal.read_text().replace('"rows": 5', '"rows": 7'))  # same size
+    os.utime(journal, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert Manifest.load(tmp_path).shards["s1"].rows == 5  # merged once: not read again
+    m.record(tmp_path, "s2", ShardEntry(file="s1.parquet", source="/x/s2.tar", rows=n, sha256=digest))
+    again = Manifest.load(tmp_path)  # the listing changed: read again
+    assert sorted(again.shards) == ["s0", "s1", "s2"] and again.shards["s1"].rows == 7
+    again.settings["dim"] = 99
+    again.shards.pop("s0")
+    assert Manifest.load(tmp_path).settings["dim"] == 8 and "s0" in Manifest.load(tmp_path).shards
+    m.settings["fields"] = ["txt"]
+    m.save(tmp_path)  # folds the journal into a new manifest.json
+    folded = Manifest.load(tmp_path)
+    assert folded.settings["fields"] == ["txt"] and sorted(folded.shards) == ["s0", "s1", "s2"]
+    assert not list((tmp_path / "manifest.d").glob("*.json"))
+
+
+def test_find_keys_reads_the_rows_of_some_keys_a_row_group_at_a_time(tmp_path, monkeypatch):
+    """The rows of the keys asked for (and fields), in cache order, from shards of several row groups; other
+    keys' rows are counted, and their row groups' vectors never read."""
+    import l2c.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "ROW_GROUP_BYTES", 8 * 2 * 8)  # 8 rows of 8-d float16 a group (at least 1024)
+    rng = np.random.default_rng(3)
+    keys = [f"k{i:04d}" for i in range(3000) for _ in range(2)]
+    fields = ["txt", "json:long_caption"] * 3000
+    emb = rng.standard_normal((6000, 8)).astype(np.float32)
+    shards = {}
+    for s in range(3):
+        sl = slice(s * 2000, (s + 1) * 2000)
+        n, digest = write_shard_file(tmp_path, f"s{s}.parquet", build_table(keys[sl], fields[sl], emb[sl], [3] * 2000,
+                                                                          [False] * 2000))  # fmt: skip
+        shards[f"s{s}"] = ShardEntry(file=f"s{s}.parquet", source=f"s{s}.tar", rows=n, sha256=digest)
+    Manifest(settings={"dim": 8, "store_dtype": "float16", "fields": ["txt", "json:long_caption"]},
+             shards=shards).save(tmp_path)  # fmt: skip
+    c = TextCache(tmp_path)
+    assert c.open_shard("s0").num_row_groups == 2  # 1,024 rows a group
+    want = ["k2999", "k0001", "k1500", "not-there"]
+    found = c.find_keys(want, ["json:long_caption"])
+    rows = [i for i, (k, f) in enumerate(zip(keys, fields, strict=True)) if k in want and f == "json:long_caption"]
+    assert [want[i] for i in found.key_index] == [keys[r] for r in rows] == ["k0001", "k1500", "k2999"]
+    assert found.fields == ["json:long_caption"] and (found.field_index == 0).all()
+    assert found.other_rows == 3000 - 3
+    assert [(s, g) for s, g, _ in found.pieces] == [("s0", 0), ("s1", 0), ("s2", 1)]  # only groups with a hit
+    got = np.concatenate(list(c.read_vectors(found, np.float32)))
+    np.testing.assert_array_equal(got, emb[rows].astype(np.float16).astype(np.float32))
+    both = c.find_keys(want)
+    assert both.fields == ["txt", "json:long_caption"] and len(both) == 6 and both.other_rows == 6000 - 6
+    with pytest.raises(CacheError, match="'caption' is not in text cache"):
+        c.find_keys(want, ["caption"])

@@ -177,7 +177,9 @@ def test_kill_9_mid_job_then_rerun_equals_uninterrupted(tmp_path, png_bytes):
     n_done = kill_mid_job(cmd, {**os.environ, "RAY_ADDRESS": ""},
                           lambda: len(Manifest.load(out).shards) if m.exists() else 0, total=40)  # fmt: skip
     assert 1 <= n_done < 40 and (out / ".tmp-align").exists()
+    assert len(list((out / "manifest.d").glob("*.json"))) == n_done  # the journal of the killed job
     s = run_align(AlignConfig(str(cache_dir), urls, str(out), partition_mb=4, runner="local", progress=False))
     assert s["shards_skipped"] == n_done and s["shards_written"] == 40 - n_done
+    assert not list((out / "manifest.d").glob("*.json"))  # folded into manifest.json at the end
     assert TextCache(ref).manifest.to_dict()["shards"] == TextCache(out).manifest.to_dict()["shards"]  # same sha256
     assert not list(out.glob(".tmp-*")) and TextCache(out).validate() == []
