@@ -293,6 +293,10 @@ def run_retrieval(
         texts = caption_gallery(cache, img.keys, fields, net, progress=advance)
     with track(f"search ({backend_name})", len(img.keys) + len(texts.image), "queries") as advance:
         res = evaluate_gallery(img.keys, img.features, texts, ks, backend_name, allow_missing, progress=advance)
+    if net.meta.nested_dims:  # a Matryoshka model: recall at each dim it was trained at
+        from l2c.eval.nested import recall_by_dim
+
+        res["nested"] = recall_by_dim(img.keys, img.features, texts, net.meta.nested_dims, ks, backend_name, allow_missing)
     result = {
         "image_to_text": res.pop("image_to_text"),
         "text_to_image": res.pop("text_to_image"),

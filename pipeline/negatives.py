@@ -182,8 +182,10 @@ def build_index(cfg: MineConfig, shards: _Shards, dim: int, kind: str):
         pca.train(_sample(shards, min(PCA_TRAIN, cfg.train_size), cfg.seed))
         nlist = _nlist(cfg, shards.n)
         pq = cfg.pq if d % cfg.pq == 0 else next(m for m in range(min(cfg.pq, d), 0, -1) if d % m == 0)
-        inner = faiss.index_factory(d, f"IVF{nlist}_HNSW32,PQ{pq}", faiss.METRIC_L2)
-        inner.train(_sample(shards, cfg.train_size, cfg.seed + 1, pca.apply_py))
+        sample = _sample(shards, cfg.train_size, cfg.seed + 1, pca.apply_py)
+        bits = max(1, min(8, int(math.log2(max(2, len(sample))))))  # 256 codes a sub-vector, fewer for a tiny cache
+        inner = faiss.index_factory(d, f"IVF{nlist}_HNSW32,PQ{pq}x{bits}", faiss.METRIC_L2)
+        inner.train(sample)
         index = faiss.IndexPreTransform(pca, inner)
     else:
         try:

@@ -99,7 +99,7 @@ class ClipLoss(nn.Module):
         logits, pos, out = s.image_logits(scale)
         if out is not None:
             logits = logits.masked_fill(out, torch.finfo(logits.dtype).min)
-        logp = F.log_softmax(logits.float(), dim=1)
+        logp = F.log_softmax(logits, dim=1)  # float32 under autocast
         i2t = -(logp.masked_fill(~pos, 0.0).sum(1) / pos.sum(1)).mean()
         # each text against the batch's images; summed over this rank's texts and scaled so that the mean over
         # ranks (DDP) is the mean over all the step's texts, whatever each rank holds
@@ -145,8 +145,8 @@ class NestedLoss(nn.Module):
         self.loss, self.dims = loss, list(dims)
 
     def forward(self, img, txt, scale, bias=None, owner=None, extra=None, extra_owner=None) -> torch.Tensor:
-        def cut(x, d):
-            return None if x is None else F.normalize(x[:, :d].float(), dim=-1)
+        def cut(x, d):  # half precision (autocast) normalised in float32
+            return None if x is None else F.normalize(x[:, :d].float() if x.dtype.itemsize < 4 else x[:, :d], dim=-1)
 
         return sum(self.loss(cut(img, d), cut(txt, d), scale, bias, owner, cut(extra, d), extra_owner)
                    for d in self.dims)  # fmt: skip

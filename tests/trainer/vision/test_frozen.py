@@ -66,7 +66,8 @@ def run_both(caches, tmp_path, *overrides):
 
 
 @pytest.mark.parametrize(
-    "overrides", [(), ("data.workers=2", "data.pairing=join", "model.vision.head_layers=3")]
+    "overrides", [(), ("data.workers=2", "data.pairing=join", "model.vision.head_layers=3"),
+                  ("loss.positives=all", "model.nested_dims=[8]")]  # every caption in the step, nested dims
 )
 def test_training_from_caches_equals_online_frozen(caches, tmp_path, overrides):
     online, cached, a, b = run_both(caches, tmp_path, *overrides)

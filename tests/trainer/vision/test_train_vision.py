@@ -536,3 +536,39 @@ def test_resume_of_a_run_from_before_a_config_key_existed():
     now["optim"]["head_lr_mult"] = 2.0
     with pytest.raises(ResumeError, match=r"optim.head_lr_mult: run 1.0, now 2.0"):
         check_changes(saved, now, ("steps",), "run r", to_dict(TrainConfig()))
+
+
+LOSS_OPTIONS = {
+    "all-captions": ("loss.positives=all",),
+    "hard-negatives": ("loss.hard_negatives=2",),
+    "nested-dims": ("model.nested_dims=[8,16]",),
+    "all-three-siglip-join": ("loss.kind=siglip", "loss.positives=all", "loss.hard_negatives=2", "model.nested_dims=[8]",
+                              "data.pairing=join"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("option", list(LOSS_OPTIONS))
+def test_resume_with_each_loss_option_equals_uninterrupted(classes, tmp_path, option):
+    """Every caption in the step, mined negatives, nested dims (and all three with SigLIP and join pairing): a run
+    stopped and resumed gives the losses and weights of one that was not; the option changes the losses."""
+    tars, _, _, cache = classes
+    if not (Path(cache) / "negatives" / "negatives.json").exists():
+        assert main(["mine-negatives", "--text-cache", str(cache), "--k", "4", "--no-progress"]) == 0
+    images = [str(t) for t in tars]
+    cfg = tiny_cfg("steps=8", "checkpoint_every=3", "data.workers=2", *LOSS_OPTIONS[option])
+    train(TrainJob(cfg, images, cache, tmp_path / "full", progress=False))
+    part = train(TrainJob(cfg, images, cache, tmp_path / "part", max_steps=4, progress=False))
+    assert part["step"] == 4
+    resumed = train(TrainJob(cfg, images, cache, tmp_path / "part", resume=True, progress=False))
+    assert resumed["finished"] and resumed["resumed_from"] == 4
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert [r["data_digest"] for r in a] == [r["data_digest"] for r in b]
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5, atol=1e-6)
+    wa, wb = load_exported(tmp_path / "full").state_dict(), load_exported(tmp_path / "part").state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    plain = [o for o in LOSS_OPTIONS[option] if o.startswith(("data.", "loss.kind"))]
+    train(TrainJob(tiny_cfg("steps=3", "data.workers=2", *plain), images, cache, tmp_path / "plain", progress=False))
+    assert metrics(tmp_path / "plain")[0]["loss"] != pytest.approx(a[0]["loss"], rel=1e-4)
+    nested = load_exported(tmp_path / "full").meta.nested_dims
+    assert nested == ([8, 16, 24] if option == "nested-dims" else [8, 24] if "siglip" in option else [])
