@@ -233,8 +233,8 @@ def align_cache(
 
 
 def mine_negatives(
-    text_cache: Annotated[str, typer.Option("--text-cache", help="the text cache whose keys to mine (a path or an object-store URL)")],
-    out: Annotated[str | None, typer.Option("--out", "-o", help="where the neighbours go: one Parquet per cache shard (default TEXT_CACHE/negatives, where train-vision looks)")] = None,
+    text_cache: Annotated[str, typer.Option("--text-cache", help="the text cache whose keys to mine (a path or an object-store URL; with a URL, give --out)")],
+    out: Annotated[str | None, typer.Option("--out", "-o", help="a local folder for the neighbours, one Parquet per cache shard (default TEXT_CACHE/negatives, where train-vision looks)")] = None,
     k: Annotated[int, typer.Option(help="neighbours kept per key, nearest first")] = 16,
     field: Annotated[list[str], typer.Option("--field", "-f", help="repeatable: the caption fields a key's vector averages (default all)")] = [],  # noqa: B006
     index: Annotated[str, typer.Option(help="auto | flat (exact) | ivfpq (PCA, IVF-HNSW, PQ: bounded memory at any size) | a faiss index_factory string")] = "auto",

@@ -89,7 +89,12 @@ class MineConfig:
 
 
 def out_dir(cfg: MineConfig) -> Path:
-    return Path(cfg.out) if cfg.out else Path(TextCache(cfg.text_cache).dir) / "negatives"
+    """The local folder the neighbours go to (a cache in an object store needs `--out`)."""
+    where = cfg.out or f"{TextCache(cfg.text_cache).dir}/negatives"
+    if "://" in where and not where.startswith("file://"):
+        raise NegativesError(f"mine-negatives writes a local folder, not {where}: pass --out DIR (and "
+                             "loss.negatives=DIR to train-vision)")  # fmt: skip
+    return Path(where.removeprefix("file://"))
 
 
 def cache_state(cache: TextCache) -> dict:

@@ -5,15 +5,17 @@ and every text of an image is its positive. Image→text is then multi-positive 
 image's positives of -log softmax (SupCon's L_out; with one text per image, CLIP's loss); text→image is each
 text against the batch's images. SigLIP labels every (image, own text) pair +1. Mined hard negatives
 (`extra`, texts of other images) join the image→text gallery only; an extra text whose image is in the
-batch (`extra_owner[m]` >= 0) is left out for that image, never its negative.
+batch (`extra_owner[m]` >= 0) is left out for that image, never its negative (the batch of its own rank: one
+whose image sits on another rank stays a negative, a chance of about W·B / keys per negative).
 
 Cost of `positives=all` with K captions per image, per rank of batch B on W ranks: the adapter runs on B·K
-vectors (its activations, and its share of the step's time, grow K-fold: a 4-block adapter on 4096-dim
-vectors is ~1.6 GFLOP per vector forward and backward, against ~570 GFLOP per 336 px image for a ViT-L/14 tower,
-so K=5 adds under 2% to a step), the logits are B × W·B·K and B·K × W·B (4 bytes each in fp32: at B=512,
-W=64, K=2, 270 MB per matrix, as much again for its softmax and gradient), and the all-gather moves K times
-the text features. On the photo demo (B=128, K=5, a 2-block adapter on 384 dims) a step takes the same CPU
-time within the noise of the measurement (docs/results.md).
+vectors, so its activations and its share of the step grow K-fold. With a tower that trains that share is small:
+a 4-block adapter on 4096-dim vectors is ~1.6 GFLOP per vector forward and backward, a ViT-L/14 at 336 px
+~570 GFLOP per image, so K=5 adds about 1.4% to a step (K=2, the official short + dense captions, 0.3%). With a
+frozen tower from caches (`--image-cache`) the adapter is most of the step, and its time grows about K-fold.
+The logits are B × W·B·K (image→text) and B·K × W·B (text→image): at B=512, W=64, K=2, 134 MB each in fp32, as
+much again for each softmax and its gradient; the all-gather moves K times the text features. On the photo demo
+(B=128, K=5, a 2-block adapter on 384 dims) docs/results.md gives the measured CPU time per run.
 
 `nested` (Matryoshka, `model.nested_dims`): the loss is summed over prefixes of the joint embedding, each
 prefix re-normalised; the full embedding is always one of them.
