@@ -35,10 +35,11 @@ from l2c.storage import RunDir, staging_root
 
 INDEX_VERSION = 3
 DIR = "pairing-index"
-# Build rate of this module on the project's 2-core machine (benchmarks/bench_train_scale.py): a time per row
-# (keys, fields, Parquet decode) plus a time per byte of float16 vectors written.
-ROWS_PER_S = 150_000
-BYTES_PER_S = 150e6
+# The build's pace for the estimate, fitted on this project's 2-core machine (ensure() on bench_scale.py's caches:
+# 0.5 s for 150k rows of 256-d, 5.5 s for 1.5M of 256-d, 5.1 s for 60k of 4,096-d): a little per row, mostly per
+# byte of float16 vectors read, decoded and written.
+ROWS_PER_S = 1_000_000
+BYTES_PER_S = 100e6
 
 
 def stamp(cache: TextCache) -> dict:
@@ -143,26 +144,26 @@ def ensure(cache: TextCache, d: str | Path) -> bool:
 
 
 def _write(cache: TextCache, out: Path) -> None:
-    """Vectors written shard by shard into a memory-mapped .npy; keys and fields kept as Arrow columns."""
+    """Vectors appended shard by shard to the .npy (plain writes: no page of it stays in this process's memory);
+    keys and fields kept as Arrow columns, then sorted and indexed."""
     from l2c.trainer.vision.pairing import check_finite
 
     n = len(cache)
-    vectors = np.lib.format.open_memmap(out / "vectors.npy", "w+", np.float16, (n, cache.dim))
     key_cols, field_cols, at = [], [], 0
-    for name, table in cache.iter_tables(["key", "field", "embedding"]):
-        if at + table.num_rows > n or table.num_rows != cache.manifest.shards[name].rows:
-            raise CacheError(f"text cache {cache.dir}: shard {name} holds {table.num_rows} rows, the manifest says "
-                             f"{cache.manifest.shards[name].rows}: the cache is damaged (`l2c cache-info` lists it)")  # fmt: skip
-        vecs = embedding_matrix(table, np.float16)
-        if not np.isfinite(vecs).all():
-            check_finite(vecs, table.column("key").to_pylist(), table.column("field").to_pylist(),
-                         f"text cache {cache.dir} shard {name}")  # fmt: skip
-        vectors[at : at + len(vecs)] = vecs
-        at += len(vecs)
-        key_cols.append(table.column("key").combine_chunks())
-        field_cols.append(table.column("field").combine_chunks().cast(pa.string()))
-    vectors.flush()
-    del vectors
+    with open(out / "vectors.npy", "wb") as f:
+        np.lib.format.write_array_header_2_0(f, {"descr": "<f2", "fortran_order": False, "shape": (n, cache.dim)})
+        for name, table in cache.iter_tables(["key", "field", "embedding"]):
+            if at + table.num_rows > n or table.num_rows != cache.manifest.shards[name].rows:
+                raise CacheError(f"text cache {cache.dir}: shard {name} holds {table.num_rows} rows, the manifest says "
+                                 f"{cache.manifest.shards[name].rows}: the cache is damaged (`l2c cache-info` lists it)")  # fmt: skip
+            vecs = embedding_matrix(table, np.float16)
+            if not np.isfinite(vecs).all():
+                check_finite(vecs, table.column("key").to_pylist(), table.column("field").to_pylist(),
+                             f"text cache {cache.dir} shard {name}")  # fmt: skip
+            f.write(np.ascontiguousarray(vecs, "<f2").tobytes())
+            at += len(vecs)
+            key_cols.append(table.column("key").combine_chunks())
+            field_cols.append(table.column("field").combine_chunks().cast(pa.string()))
     keys = pa.chunked_array(key_cols, pa.string())
     flds = pa.chunked_array(field_cols, pa.string())
     ukeys = pc.unique(keys)
