@@ -11,9 +11,10 @@ time and its peak RSS (the kernel's high-water mark of that process, `wait4`).
   (4,096-d float16): time per shard written and peak RSS.
 - **eval of one tar** against the step's cache (`eval-retrieval`'s streamed text side), and the previous
   in-memory computation (the whole cache loaded as float32 and adapted) beside it.
-- **eval at a gallery of 1M captions** (`--gallery`, 2,000 images of 500 captions at the top): the streamed text
-  side and the blocked search, with image features made up (no tower): time, peak RSS, and the measured cost
-  per caption that docs/scale.md extrapolates to 1M images x 5M captions.
+- **eval at a gallery of 1M captions** (`--gallery`; 5,000 captions a key, so 200 images at the top: the search
+  costs images x captions on 2 cores) with a `--embed-dim` 1,280 model, the image features made up: the
+  streamed text side and the blocked search, time and memory; and eval's image side on 1 and 10 tars. From
+  the two, the cost of one more caption and one more image, extrapolated to 1M images x 5M captions.
 
 Hooks for more rows (train-vision start-up, ...): `dataset()` builds or reuses a step's data, `aligned()` its
 aligned cache, `tiny_model()` an exported model for a cache; a function decorated `@step` runs in a fresh
@@ -234,7 +235,7 @@ def eval_one_tar_in_memory(model: str, tar: str, text_cache: str) -> dict:
 @step
 def eval_gallery(model: str, text_cache: str, n_images: int) -> dict:
     """The streamed text side and the blocked search for `n_images` images (features made up) against all their
-    captions: peak RSS after each part."""
+    captions: resident memory above the start after each part."""
     from l2c.cache import TextCache
     from l2c.eval import search
     from l2c.eval.model import load_model
@@ -243,17 +244,29 @@ def eval_gallery(model: str, text_cache: str, n_images: int) -> dict:
     net = load_model(model)
     cache = TextCache(text_cache)
     keys = [f"g{i:07d}" for i in range(n_images)]  # as `gallery_rows` names them
-    base = peak_mb()
-    t0 = time.perf_counter()
-    texts = caption_gallery(cache, keys, None, net)
-    t_text, rss_text = time.perf_counter() - t0, peak_mb()
     rng = np.random.default_rng(0)
     image_feats = search.l2_normalize(rng.standard_normal((len(keys), net.meta.embed_dim), dtype=np.float32))
     t0 = time.perf_counter()
+    texts = caption_gallery(cache, keys, None, net, "float16")  # what `auto` keeps above 1 GiB
+    t_text, rss_text, peak_text = time.perf_counter() - t0, rss_mb(), peak_mb()
+    t0 = time.perf_counter()
     r = evaluate_gallery(keys, image_feats, texts, [1, 5], "faiss")
     return {"n_images": len(keys), "n_texts": r["n_texts"], "embed_dim": int(net.meta.embed_dim),
-            "text_seconds": t_text, "search_seconds": time.perf_counter() - t0, "rss_before_mb": base,
-            "rss_after_text_mb": rss_text, "rss_after_search_mb": peak_mb()}  # fmt: skip
+            "text_seconds": t_text, "search_seconds": time.perf_counter() - t0, "rss_after_text_mb": rss_text,
+            "peak_after_text_mb": peak_text, "gallery_mb": texts.feats.nbytes / 2**20}  # fmt: skip
+
+
+@step
+def image_features(model: str, tars: list[str]) -> dict:
+    """eval's image side (`extract_image_features`): resident memory it keeps and its peak."""
+    from l2c.eval.features import extract_image_features
+    from l2c.eval.model import load_model
+
+    net = load_model(model)
+    t0 = time.perf_counter()
+    img = extract_image_features(net, tars)
+    return {"n_images": len(img.keys), "embed_dim": int(net.meta.embed_dim), "seconds": time.perf_counter() - t0,
+            "rss_kept_mb": rss_mb(), "features_mb": img.features.nbytes / 2**20}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -290,25 +303,57 @@ def eval_rows(args, data: dict[str, Dataset]) -> list[dict]:
 
 
 def gallery_rows(args, data: dict[str, Dataset]) -> list[dict]:
+    """A caption gallery of each `--gallery` size at embed_dim `--embed-dim` (1,280: LLM2CLIP's ViT-L/14), 5,000
+    captions a key so that the search (images x captions, here on 2 CPU cores) stays short; and the image side on
+    1 and 10 tars. The cost of one more caption and of one more image, for docs/scale.md's extrapolation."""
     rows = []
-    per = 500  # captions a key: a gallery of 1M captions from 2,000 images (the search costs images x captions)
+    model = tiny_model(args.work / f"model-{args.dim}-{args.embed_dim}", args.dim, args.embed_dim)
+    per = 5000
     for n in args.gallery:
-        d = args.work / f"gallery-{n}"
+        d = args.work / f"gallery-{n}-{per}"
         if not (d / "manifest.json").exists():
             table_cache(d, [f"g{i:07d}" for i in range(n // per)], args.dim, captions=per)
-        model = tiny_model(args.work / f"model-{args.dim}", args.dim)
         m = measure("eval_gallery", model=str(model), text_cache=str(d), n_images=n // per)
         r = m["result"]
         rows.append({"section": "eval gallery", "captions": r["n_texts"], "images": r["n_images"], "dim": args.dim,
                      "embed_dim": r["embed_dim"], "seconds": round(m["seconds"], 1),
                      "text_seconds": round(r["text_seconds"], 1), "search_seconds": round(r["search_seconds"], 1),
-                     "peak_rss_mb": round(m["peak_rss_mb"]), "above_start_mb": round(m["peak_rss_mb"] - r["rss_start_mb"]),
-                     "rss_before_mb": round(r["rss_before_mb"]), "rss_after_text_mb": round(r["rss_after_text_mb"])})  # fmt: skip
-    if len(rows) >= 2:  # the measured cost of one more caption (and its image's share), for the extrapolation
-        a, b = rows[0], rows[-1]
-        for r, key in ((b, "peak_rss_mb"), (b, "rss_after_text_mb")):
-            r[f"{key}_bytes_per_caption"] = round((b[key] - a[key]) * 2**20 / (b["captions"] - a["captions"]), 1)
+                     "gallery_mb": round(r["gallery_mb"]), "text_kept_mb": round(r["rss_after_text_mb"] - r["rss_start_mb"]),
+                     "text_peak_mb": round(r["peak_after_text_mb"] - r["rss_start_mb"]),
+                     "peak_above_start_mb": round(m["peak_rss_mb"] - r["rss_start_mb"]),
+                     "peak_rss_mb": round(m["peak_rss_mb"])})  # fmt: skip
+    first = next(iter(data.values()))
+    for n in (1, 10):
+        m = measure("image_features", model=str(model), tars=first.tars[:n])
+        r = m["result"]
+        rows.append({"section": "eval image side", "images": r["n_images"], "embed_dim": r["embed_dim"],
+                     "seconds": round(m["seconds"], 1), "features_mb": round(r["features_mb"], 1),
+                     "kept_mb": round(r["rss_kept_mb"] - r["rss_start_mb"]),
+                     "peak_above_start_mb": round(m["peak_rss_mb"] - r["rss_start_mb"])})  # fmt: skip
     return rows
+
+
+def extrapolate(rows: list[dict], images: int = 1_000_000, captions: int = 5_000_000) -> dict:
+    """Peak host RAM of eval at `images` x `captions` from the measured rows: what stays (image features, caption
+    gallery) grows per image and per caption as measured between the two sizes; the peak adds the largest
+    transient measured on top of what stays (the search's blocks, the image side's copies)."""
+    gal = [r for r in rows if r["section"] == "eval gallery"]
+    img = [r for r in rows if r["section"] == "eval image side"]
+    if len(gal) < 2 or len(img) < 2:
+        return {}
+    per_caption = (gal[-1]["text_kept_mb"] - gal[0]["text_kept_mb"]) * 2**20 / (gal[-1]["captions"] - gal[0]["captions"])
+    per_image = (img[-1]["kept_mb"] - img[0]["kept_mb"]) * 2**20 / (img[-1]["images"] - img[0]["images"])
+    image_peak_per_image = (img[-1]["peak_above_start_mb"] - img[0]["peak_above_start_mb"]) * 2**20 / (
+        img[-1]["images"] - img[0]["images"])  # fmt: skip
+    search_transient = gal[-1]["peak_above_start_mb"] - gal[-1]["text_kept_mb"]
+    kept = (per_caption * captions + per_image * images) / 2**30
+    image_phase = image_peak_per_image * images / 2**30
+    peak = max(image_phase, kept + search_transient / 1024)
+    return {"images": images, "captions": captions, "embed_dim": gal[-1]["embed_dim"],
+            "bytes_per_caption": round(per_caption), "bytes_per_image": round(per_image),
+            "image_side_peak_bytes_per_image": round(image_peak_per_image), "search_transient_mb": search_transient,
+            "kept_gb": round(kept, 1), "image_phase_peak_gb": round(image_phase, 1),
+            "peak_gb_above_start": round(peak, 1), "start_mb": gal[-1]["peak_rss_mb"] - gal[-1]["peak_above_start_mb"]}  # fmt: skip
 
 
 SECTIONS: list[Callable] = [align_rows, eval_rows, gallery_rows]
@@ -327,6 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--wide-dim", type=int, default=4096, help="the one wide point (0: none): 30 tars of 200 keys")
     ap.add_argument("--partition-mb", type=float, default=64)
     ap.add_argument("--gallery", default="100000,1000000", help="caption gallery sizes for eval, comma-separated")
+    ap.add_argument("--embed-dim", type=int, default=1280, help="the eval model's embedding width for the gallery rows")
     ap.add_argument("--no-in-memory", dest="in_memory", action="store_false", help="skip the previous eval path")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
     args = ap.parse_args(argv)
@@ -362,9 +408,14 @@ def main(argv: list[str] | None = None) -> dict:
             t.add_row(*(f"{r.get(c):,}" if isinstance(r.get(c), (int, float)) else str(r.get(c, "")) for c in cols))
         console.print(t)
     console.print("10x data, ratio of the larger to the smaller (flat: <= 1.5): " + ", ".join(f"{k} {v}x" for k, v in flat.items()))
+    extra = extrapolate(rows)
+    if extra:
+        console.print(f"eval at {extra['images']:,} images x {extra['captions']:,} captions, {extra['embed_dim']}-d: "
+                      f"{extra['bytes_per_caption']:,} B a caption, {extra['bytes_per_image']:,} B an image kept; peak "
+                      f"~{extra['peak_gb_above_start']} GB above the process's start ({extra['start_mb']:,} MB)")  # fmt: skip
     result = {"benchmark": "scale: align-cache and eval against 10x caches",
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU", "args": {k: str(v) for k, v in vars(args).items()},
-              "ratios_10x": flat, "rows": rows}  # fmt: skip
+              "ratios_10x": flat, "eval_extrapolated": extra, "rows": rows}  # fmt: skip
     path = args.out / "bench_scale.json"
     atomic.write_json(path, result)
     console.print(f"wrote {path}")

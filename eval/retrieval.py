@@ -8,7 +8,7 @@ orphan captions are left out (they have nothing to find).
 
 `eval-retrieval` streams the text side (`caption_gallery`): it reads the key and field columns of the
 cache a row group at a time and the vectors of the evaluated images' captions only, adapts them in blocks
-and keeps them as float16; captions of other keys are counted (`cache_rows_not_evaluated`), never read, so
+and keeps them as float32 up to 1 GiB, float16 above (`gallery_dtype`); captions of other keys are counted (`cache_rows_not_evaluated`), never read, so
 a cache many times larger than the evaluated images costs only the reading of its keys. The search then runs
 in query batches against gallery blocks (`l2c.eval.search.iter_topk`), each batch's ranks kept, not its
 top-k lists. Peak host memory is the image features (float32), the caption features (float16) and one
@@ -29,6 +29,7 @@ from l2c.eval.errors import EvalError
 from l2c.eval.recall import first_hit_ranks, recall_at, recall_curve
 
 CURVE_K = 50
+FLOAT32_GALLERY_BYTES = 1 << 30  # caption features up to this size stay float32; a larger gallery is float16
 
 
 @dataclass
@@ -190,17 +191,28 @@ def _missing(images_without_text: list[str], texts_without_image: list) -> dict:
 class CaptionGallery:
     """The captions of the evaluated images, adapted: the text side of the search, in cache order."""
 
-    feats: np.ndarray  # [n, embed_dim] float16, L2-normalised
+    feats: np.ndarray  # [n, embed_dim] float32, or float16 for a large gallery (`gallery_dtype`); L2-normalised
     image: np.ndarray  # [n] the index of each caption's image
     field: np.ndarray  # [n] each caption's field, an index into `fields`
     fields: list[str]  # row field names, in the order first met
     other_rows: int  # cache rows of the chosen fields whose key is no evaluated image (not read)
 
 
-def caption_gallery(cache, image_keys: list[str], fields: list[str] | None, net, dtype=np.float16,
+def gallery_dtype(n_captions: int, embed_dim: int, dtype: str = "auto"):
+    """The caption features' dtype: `auto` keeps float32 while they fit in `FLOAT32_GALLERY_BYTES` (figures equal
+    to the float32 computation to the last query), float16 above (half the memory; equal scores may then break
+    otherwise: on the demo's short captions, 95 of 500 alike, 4 image queries of 500 moved)."""
+    if dtype == "auto":
+        return np.float32 if n_captions * embed_dim * 4 <= FLOAT32_GALLERY_BYTES else np.float16
+    if dtype not in ("float16", "float32"):
+        raise EvalError(f"caption features dtype must be auto, float16 or float32, got {dtype!r}")
+    return np.dtype(dtype).type
+
+
+def caption_gallery(cache, image_keys: list[str], fields: list[str] | None, net, dtype: str = "auto",
                     progress: Callable[[int], None] | None = None) -> CaptionGallery:  # fmt: skip
     """The evaluated images' captions from `cache` (`TextCache`): found by key, vectors read a row group at a
-    time and adapted by `net` in blocks into one `dtype` array. A (key, field) twice is an error."""
+    time and adapted by `net` in blocks into one array (`gallery_dtype`). A (key, field) twice is an error."""
     from l2c.eval.model import adapt_texts
 
     found = cache.find_keys(image_keys, fields)
@@ -210,7 +222,7 @@ def caption_gallery(cache, image_keys: list[str], fields: list[str] | None, net,
         dups = [(image_keys[p // len(found.fields)], found.fields[p % len(found.fields)]) for p in uniq[counts > 1]]
         raise EvalError(f"{len(dups)} duplicate (key, field) caption row(s) in the text cache: {_preview(dups)}"
                         " (was a source embedded twice into the same cache?)")  # fmt: skip
-    feats = np.empty((len(found), net.meta.embed_dim), dtype)
+    feats = np.empty((len(found), net.meta.embed_dim), gallery_dtype(len(found), net.meta.embed_dim, dtype))
     start = 0
     for vecs in cache.read_vectors(found):
         adapt_texts(net, vecs, progress=progress, out=feats[start : start + len(vecs)])
@@ -255,10 +267,12 @@ def run_retrieval(
     allow_missing: bool = False,
     ray_address: str | None = None,
     use_gpu: bool = False,
+    text_dtype: str = "auto",
 ) -> dict:
     """`l2c eval-retrieval`: image features from shards, caption features from the cache, recall both ways.
 
     With `ray_address` the image features are computed by Ray tasks across the cluster (`eval/ray_features.py`).
+    `text_dtype`: the caption features' dtype (`gallery_dtype`: auto, float16, float32).
     """
     if out is not None:  # an unwritable --out fails here, not after the features are computed
         from l2c.storage import Store
@@ -290,7 +304,7 @@ def run_retrieval(
     if img.skipped:
         report.console.print(f"[yellow]{len(img.skipped)} sample(s) skipped: {img.skipped[:3]}")
     with track("text features (captions of these images, adapter)", None, "txt") as advance:
-        texts = caption_gallery(cache, img.keys, fields, net, progress=advance)
+        texts = caption_gallery(cache, img.keys, fields, net, text_dtype, progress=advance)
     with track(f"search ({backend_name})", len(img.keys) + len(texts.image), "queries") as advance:
         res = evaluate_gallery(img.keys, img.features, texts, ks, backend_name, allow_missing, progress=advance)
     if net.meta.nested_dims:  # a Matryoshka model: recall at each dim it was trained at
@@ -309,6 +323,7 @@ def run_retrieval(
         "text_cache": str(text_cache),
         "text_encoder": cache.settings.get("model"),
         "search_backend": backend_name,
+        "caption_features_dtype": np.dtype(texts.feats.dtype).name,
     }
     report.console.print(report.retrieval_table(result))
     if note := report.missing_summary(result):

@@ -39,6 +39,7 @@ import hashlib
 import json
 import resource
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -128,8 +129,6 @@ def _hashes(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
 def read_keys(batch: pa.Table, work: str) -> dict:
     """One tar's keys in order (a key seen twice at its first place), written to the work folder; returns their
     hashes, the keys seen twice, and what was wrong with the tar (damaged after some samples, or unreadable)."""
-    from collections import Counter
-
     from l2c.data.shards import read_tar
     from l2c.pipeline.crosscheck import key_hashes
 
@@ -224,7 +223,7 @@ def write_partition(batch: pa.Table, work: str, out_dir: str) -> dict:
             mine = rows.slice(lo, hi - lo) if rows is not None else None
             entry, rejects = _write_tar_shard(store, out, tar, mine, schema)
             res["shard"].append(tar["name"])
-            res["result"].append(json.dumps({"entry": asdict(entry), "rejects": _counts(rejects),
+            res["result"].append(json.dumps({"entry": asdict(entry), "rejects": Counter(r["reason"] for r in rejects),
                                              "rss_mb": _peak_rss_mb()}))  # fmt: skip
     return res
 
@@ -260,20 +259,13 @@ def _write_tar_shard(work: Store, out: Store, tar: dict, rows: pa.Table | None, 
 def _last_of_each(rows: pa.Table) -> np.ndarray:
     """Row numbers keeping, of each (position, field), the last row in C's order; rows are in (pos, seq) order."""
     pos = rows.column("pos").to_numpy()
-    fld = pc.dictionary_encode(rows.column("field")).combine_chunks().indices.to_numpy(zero_copy_only=False)
+    fld = pc.dictionary_encode(rows.column("field").combine_chunks()).indices.to_numpy(zero_copy_only=False)
     seq = rows.column("seq").to_numpy()
     order = np.lexsort((seq, fld, pos))
     p, f = pos[order], fld[order]
     last = np.ones(len(order), bool)
     last[:-1] = (p[:-1] != p[1:]) | (f[:-1] != f[1:])
     return np.sort(order[last])
-
-
-def _counts(rejects: list[dict]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in rejects:
-        counts[r["reason"]] = counts.get(r["reason"], 0) + 1
-    return counts
 
 
 # ---------------------------------------------------------------- driver
@@ -283,8 +275,7 @@ def alignment_settings(cache: TextCache, tars: list[str]) -> dict:
 
     digest = hashlib.sha256("\n".join(tars).encode()).hexdigest()
     return {**TextCacheSettings.from_dict(cache.settings).to_dict(),
-            "aligned": {"text_cache": cache.dir, "tars": len(tars), "tars_sha256": digest,
-                        "note": "one shard per tar: each shard's `source` is its tar"}}  # fmt: skip
+            "aligned": {"text_cache": cache.dir, "tars": len(tars), "tars_sha256": digest}}  # fmt: skip
 
 
 def run_align(cfg: AlignConfig) -> dict:

@@ -52,8 +52,9 @@ def test_streamed_text_side_gives_the_in_memory_recall(setup, make_cache, monkey
     monkeypatch.setattr(search, "GALLERY_BLOCK_BYTES", 4 * 24 * 37)  # 37 rows a block: captions in 4 blocks
     images = str(root / "shards")
     ks = [1, 5, 10]
-    for backend in ("faiss", "numpy"):
-        got = run_retrieval(root / "run", [images], cache_dir, ks, backend=backend)
+    for backend, text_dtype in (("faiss", "auto"), ("numpy", "auto"), ("faiss", "float16")):
+        got = run_retrieval(root / "run", [images], cache_dir, ks, backend=backend, text_dtype=text_dtype)
+        assert got["caption_features_dtype"] == {"auto": "float32", "float16": "float16"}[text_dtype]
 
         # the in-memory computation: the whole cache loaded as float32, adapted at once, orphans left out
         net = load_model(root / "run")
@@ -75,7 +76,7 @@ def test_caption_gallery_is_float16_of_the_evaluated_images_only(setup, make_cac
     cache = TextCache(big_cache(make_cache, keys, seed=1)[0])
     net = load_model(root / "run")
     wanted = keys[::3]
-    g = caption_gallery(cache, wanted, ["json:long_caption", "txt"], net)
+    g = caption_gallery(cache, wanted, ["json:long_caption", "txt"], net, "float16")
     assert g.feats.dtype == np.float16 and g.feats.shape == (2 * len(wanted), 24)
     assert sorted(set(g.image.tolist())) == list(range(len(wanted))) and g.other_rows == 2 * (len(cache) // 3 - len(wanted))
     t_keys, t_fields, vecs = cache.load(["json:long_caption", "txt"])
@@ -86,8 +87,9 @@ def test_caption_gallery_is_float16_of_the_evaluated_images_only(setup, make_cac
 
 
 def test_streamed_recall_equals_in_memory_where_recall_means_something(setup, make_cache, monkeypatch):
-    """Image features near their captions' adapted direction (recall well above chance, many near ties): the
-    float16 caption gallery searched in blocks ranks as the float32 in-memory computation does."""
+    """Image features near their captions' adapted direction (recall well above chance): the caption gallery
+    searched in blocks, float32 (what `auto` keeps at this size) and float16, ranks as the float32 in-memory
+    computation does."""
     root, keys = setup
     cache_dir, base = big_cache(make_cache, keys, seed=2)
     cache, net = TextCache(cache_dir), load_model(root / "run")
@@ -97,10 +99,12 @@ def test_streamed_recall_equals_in_memory_where_recall_means_something(setup, ma
     t_keys, t_fields, vecs = cache.load()
     text_feats = adapt_texts(net, vecs)
     monkeypatch.setattr(search, "GALLERY_BLOCK_BYTES", 4 * 24 * 50)
-    for backend in ("faiss", "numpy"):
+    for backend, dtype in (("faiss", "auto"), ("numpy", "auto"), ("faiss", "float16"), ("numpy", "float16")):
         want = evaluate_retrieval(keys, image_feats, t_keys, t_fields, text_feats, [1, 5, 10], backend,
                                   allow_missing=True)  # fmt: skip
-        got = evaluate_gallery(keys, image_feats, caption_gallery(cache, keys, None, net), [1, 5, 10], backend)
+        texts = caption_gallery(cache, keys, None, net, dtype)
+        assert texts.feats.dtype == (np.float32 if dtype == "auto" else np.float16)
+        got = evaluate_gallery(keys, image_feats, texts, [1, 5, 10], backend)
         assert 30 < want["text_to_image"]["R@1"] < 95 and 30 < want["image_to_text"]["R@1"] < 100
         for name in ("image_to_text", "text_to_image", "curves", "per_field", "fields", "n_texts"):
             assert got[name] == want[name], name
