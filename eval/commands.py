@@ -49,8 +49,10 @@ def register(app) -> None:
         k: str = typer.Option("1,5,10", "--k", help="Recall cut-offs, comma-separated."),
         fields: list[str] = typer.Option(
             None,
+            "--text-field",
             "--fields",
-            help="Caption fields to use (comma-separated or repeated); default all of the cache's.",
+            help="Caption fields to use (the embed command's --text-field spellings; comma-separated or "
+            "repeated); default all of the cache's.",
         ),
         out: Path | None = typer.Option(None, "--out", help="Write OUT/eval.json and OUT/recall_curves.png."),
         batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),

@@ -172,6 +172,16 @@ SUITE_HEADLINE = {"retrieval": (("image_to_text/R@1", "I2T"), ("text_to_image/R@
                   "zeroshot": (("zeroshot/top1", "top-1"),)}  # fmt: skip
 
 
+def metric_values(entry: dict) -> dict[str, float | None]:
+    """A set's headline numbers, flat: `image_to_text/R@1`, ..., `cra/cra_top1`, `zeroshot/top1`."""
+    flat: dict[str, float | None] = {}
+    for group in ("image_to_text", "text_to_image", "cra", "zeroshot"):
+        for k, v in (entry.get(group) or {}).items():
+            if (k.startswith("R@") or k.startswith("cra_top") or k in ("top1", "top5")) and not isinstance(v, bool):
+                flat[f"{group}/{k}"] = v
+    return flat
+
+
 def suite_columns(sets) -> list[dict]:
     """The paper's columns: I2T and T2I R@1 per retrieval set, top-1 per zero-shot set, in suite order."""
     return [{"set": s.name, "metric": m, "label": f"{s.title} {short}"}
@@ -179,8 +189,6 @@ def suite_columns(sets) -> list[dict]:
 
 
 def _suite_value(result: dict, column: dict) -> float | None:
-    from l2c.eval.suite import metric_values
-
     entry = result.get("sets", {}).get(column["set"])
     return None if entry is None else metric_values(entry).get(column["metric"])
 
@@ -245,7 +253,6 @@ def suite_markdown(result: dict, other: dict | None = None) -> str:
     if other is not None:
         lines += ["", f"## Differences: `{result['model']}` − `{other.get('model')}` (percentage points)", "",
                   "| set | metric | this | other | Δ |", "|---|---|---:|---:|---:|"]
-        from l2c.eval.suite import metric_values
 
         for name, d in result.get("compare", {}).get("diff", {}).items():
             mine, theirs = metric_values(result["sets"][name]), metric_values(other["sets"][name])

@@ -26,11 +26,14 @@ from pathlib import Path
 import typer
 
 from l2c.config import ConfigError
+from l2c.eval import report
 from l2c.eval.errors import EvalError
 from l2c.meta import ModelMeta
 
 DEFAULT_SUITE = "eval/llm2clip"
 SUITE_JSON, SUITE_MD, SUITE_PNG = "suite.json", "suite.md", "suite.png"
+# what eval-suite writes in its --out: a folder holding only these is its own earlier output
+OUT_NAMES = (SUITE_JSON, SUITE_MD, SUITE_PNG, "shards", "text", "sets")
 TASKS = ("retrieval", "zeroshot")
 
 
@@ -265,7 +268,6 @@ def _cra(cache_dir: Path, fields: list[str], backend: str) -> dict:
 def _zeroshot(net, shards: Path, zs: ZeroShotSpec, base: Path, batch_size: int, device: str) -> dict:
     import numpy as np
 
-    from l2c.eval import report
     from l2c.eval.features import count_samples, expand_shards, extract_image_features
     from l2c.eval.zeroshot import build_classifier, load_templates, load_text_encoder, zeroshot_metrics
     from l2c.progress import track
@@ -308,7 +310,6 @@ def run_suite(
 ) -> dict:
     """`l2c eval-suite`: every set of the suite found under `data`; writes OUT/suite.{json,md,png}."""
     from l2c import atomic
-    from l2c.eval import report
     from l2c.eval import search as search_mod
     from l2c.eval.model import load_model, resolve_device
     from l2c.eval.retrieval import run_retrieval
@@ -360,7 +361,7 @@ def run_suite(
     if other is not None:
         result["compare"] = {"other": str(compare), "model": other.get("model"),
                              "model_name": other.get("model_name"), "diff": suite_diff(result, other)}  # fmt: skip
-    atomic.write_json(out / SUITE_JSON, result)
+    atomic.write_json(out / SUITE_JSON, report.rounded(result))
     atomic.write_text(out / SUITE_MD, report.suite_markdown(result, other))
     png = report.plot_suite(result, other, out / SUITE_PNG)
     report.console.print(report.suite_table(result, other))
@@ -381,23 +382,13 @@ def _load_other(compare: str | Path) -> dict:
         raise EvalError(f"--compare {path} is not a suite.json: {e}") from None
 
 
-def metric_values(entry: dict) -> dict[str, float | None]:
-    """A set's headline numbers, flat: `image_to_text/R@1`, ..., `cra/cra_top1`, `zeroshot/top1`."""
-    flat: dict[str, float | None] = {}
-    for group in ("image_to_text", "text_to_image", "cra", "zeroshot"):
-        for k, v in (entry.get(group) or {}).items():
-            if (k.startswith("R@") or k.startswith("cra_top") or k in ("top1", "top5")) and not isinstance(v, bool):
-                flat[f"{group}/{k}"] = v
-    return flat
-
-
 def suite_diff(result: dict, other: dict) -> dict:
     """This run minus the other, per set present in both, per headline metric (percentage points)."""
     diff = {}
     for name, entry in result["sets"].items():
         if name not in other.get("sets", {}):
             continue
-        mine, theirs = metric_values(entry), metric_values(other["sets"][name])
+        mine, theirs = report.metric_values(entry), report.metric_values(other["sets"][name])
         diff[name] = {k: (v - theirs[k] if v is not None and theirs.get(k) is not None else None)
                       for k, v in mine.items() if k in theirs}  # fmt: skip
     return diff
@@ -421,4 +412,8 @@ def register(app) -> None:
         backend: str = typer.Option("auto", "--backend", help="Search backend: auto, faiss, faiss-gpu, numpy."),
     ) -> None:
         """Every evaluation set of the suite: retrieval both ways, CRA, zero-shot; suite.json, suite.md, suite.png."""
+        from l2c import outputs
+
+        outputs.check(out, "eval-suite", owns=OUT_NAMES)  # before any work: its own earlier output, or new
         run_suite(model, data, out, suite, compare, batch_size, device, backend)
+        outputs.mark(out, "eval-suite")

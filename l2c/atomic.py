@@ -63,7 +63,7 @@ def naming(path: str | Path):
     try:
         yield
     except OSError as e:
-        if e.filename is None:
+        if e.filename is None and e.errno is not None:  # an OSError("message") keeps its message
             e.filename = str(path)
         raise
 

@@ -40,7 +40,7 @@ FEATURES = (
     "patch_mean",
     "both",
 )  # what a head trains on: pooled, the patch-token mean, or both joined
-SAMPLE_REJECTS = ("missing_image", "corrupt_image")  # rejects with a position in the tar's sample order
+SAMPLE_REJECTS = ("missing_image", "corrupt_image", "image_too_large")  # rejects with a position in the tar's sample order
 
 
 def image_schema(dim: int, store_dtype: str = "float32", patch_mean: bool = False) -> pa.Schema:
@@ -130,7 +130,8 @@ class ImageCache(TextCache):
 
     def samples(self, name: str, feature: str = "pooled") -> tuple[list[dict], list[dict]]:
         """(the tar's samples in order, tar-level rejects): each sample `{"__key__", "__features__"}` with its
-        feature vector, None for an image that did not decode, no `__features__` for a sample without image."""
+        feature vector, None for an image that did not decode (`__reject__` says why: corrupt_image,
+        image_too_large), no `__features__` for a sample without image."""
         keys, feats = self.features(name, feature)
         rejects = self.shard_rejects(name)
         placed = sorted((r for r in rejects if r.get("position") is not None), key=lambda r: r["position"])
@@ -143,7 +144,7 @@ class ImageCache(TextCache):
             out.append(
                 {"__key__": r["key"]}
                 if r["reason"] == "missing_image"
-                else {"__key__": r["key"], "__features__": None}
+                else {"__key__": r["key"], "__features__": None, "__reject__": r["reason"]}
             )
         out += [{"__key__": k, "__features__": feats[i]} for i, k in enumerate(keys[row:], row)]
         return out, [r for r in rejects if r.get("position") is None]

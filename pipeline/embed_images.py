@@ -127,7 +127,7 @@ class EncodeImages:
 
     def _prepare(self, sample):
         """(pixel tensor, None) or (None, (reason, detail)) for one sample."""
-        from l2c.data.images import decode_image, image_member
+        from l2c.data.images import TOO_LARGE, ImageTooLarge, decode_image, image_member
         from l2c.trainer.vision.transforms import eval_transform
 
         ext = image_member(sample)
@@ -138,6 +138,8 @@ class EncodeImages:
             return eval_transform(
                 decode_image(sample[ext], target=self.image_spec.image_size), self.image_spec
             ), None
+        except ImageTooLarge as e:  # over the decompression bomb limit: a counted reject of its own
+            return None, (TOO_LARGE, str(e)[:200])
         except Exception as e:  # truncated or not an image
             return None, ("corrupt_image", f"{ext} does not decode: {type(e).__name__}: {str(e)[:200]}")
 

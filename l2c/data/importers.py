@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from l2c import atomic
-from l2c.data.make_shards import IMAGE_SUFFIXES, MakeShardsConfig, MakeShardsError
 from l2c.data.records import BadRecord, iter_records
+from l2c.data.settings import IMAGE_SUFFIXES, MakeShardsConfig, MakeShardsError
 
 # Field names of a normalized record (what `make_shards` reads when --format is not `jsonl`).
 KEY, FILE, CAPTIONS = "key", "file", "captions"

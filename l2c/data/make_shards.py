@@ -33,15 +33,15 @@ from pathlib import Path
 from PIL import Image
 
 from l2c import atomic
+from l2c.data import importers
 from l2c.data.images import ORIENTATION, TOO_LARGE, ImageTooLarge, open_image, to_rgb
 from l2c.data.records import BadRecord, iter_records
+from l2c.data.settings import IMAGE_SUFFIXES, MakeShardsConfig, MakeShardsError
 from l2c.data.writer import AtomicShardWriter, encode_sample, list_shards, shard_name
-from l2c.errors import L2CError
 from l2c.progress import ProgressBar
 
 FORMAT_NAME = "l2c-shards"
 FORMAT_VERSION = 1
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # copied as-is; anything else is re-encoded
 REASONS = (
     "bad_json", "missing_key", "invalid_key", "duplicate_id", "no_captions", "missing_image_field",
@@ -49,28 +49,6 @@ REASONS = (
 )
 PARTS = ".parts"
 OUTPUT_NAMES = ("shard-*.tar", "info.json", "rejected.jsonl", PARTS)  # all that make-shards writes in OUT
-
-
-class MakeShardsError(L2CError, ValueError):
-    """Bad settings or input, or (with strict) the first rejected record."""
-
-
-@dataclass
-class MakeShardsConfig:
-    shard_size: int = 1000
-    image_field: str = "file"
-    key_field: str = "image_id"
-    caption_field: str = "captions"
-    max_side: int | None = None
-    jpeg_quality: int = 90
-    strict: bool = False
-    workers: int = min(4, os.cpu_count() or 1)
-    format: str = "jsonl"  # or an annotation layout in l2c.data.importers (karpathy, docci, ...)
-    subset: str | None = None  # the format's split, first N or language (None: what the official evaluation takes)
-    key_from_file_name: bool = False  # key = image file name without suffix, '.', '/' and spaces as '_'
-    select: str | None = None  # file of keys or image names: only those records
-    split: str | None = None  # "train=0.9,val=0.1": records go to parts by a hash of their key
-    split_name: str | None = None  # the part this run writes
 
 
 _OPTIONAL_SETTINGS = {"format": "jsonl", "subset": None, "key_from_file_name": False, "select": None,
@@ -121,9 +99,8 @@ def read_records(images_dir: Path, captions_file: Path | None, cfg: MakeShardsCo
         ref = {"file": name} if name else {}  # a rejected record's image is accounted for by the record
         value = raw.get(cfg.key_field)
         if cfg.key_from_file_name:
-            from l2c.data.importers import key_from_file_name
 
-            value = key_from_file_name(name) if name else None
+            value = importers.key_from_file_name(name) if name else None
         if value is None or str(value).strip() == "":
             what = f"no {cfg.image_field!r} to take the key from" if cfg.key_from_file_name else f"no {cfg.key_field!r} field"
             rejected.append(_reject("missing_key", line_no, what, **ref))
@@ -290,7 +267,6 @@ def make_shards(
         raise MakeShardsError(f"images directory {images_dir} does not exist")
     if cfg.format == "jsonl" and (captions_file is None or not captions_file.is_file()):
         raise MakeShardsError(f"captions file {captions_file} does not exist")
-    from l2c.data import importers  # --format, --select, --split: the records this run takes
 
     source = importers.load_source(images_dir, captions_file, cfg)
     if cfg.format != "jsonl":  # importers' normalized fields

@@ -128,8 +128,9 @@ def test_eval_suite_end_to_end(suite_data, minilm_model, ray_local, tmp_path, re
 
     # shards changed since the cache was made (same names, new files): that set is embedded again
     from l2c.eval.suite import ensure_cache
+    from l2c.meta import ModelMeta
 
-    meta = json.loads((model / "export" / "l2c_model.json").read_text())
+    meta = ModelMeta.from_dict(json.loads((model / "export" / "l2c_model.json").read_text()))
     tar = next((out / "shards" / "docci").glob("*.tar"))
     fields = ["json:captions[*]"]
     assert not ensure_cache(out / "shards" / "docci", out / "text" / "docci", fields, meta, False)["embedded"]

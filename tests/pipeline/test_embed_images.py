@@ -75,7 +75,8 @@ def test_features_equal_the_tower_in_tar_order_and_bad_images_are_counted(ray_lo
         seq, tar_rejects = cache.samples(name)
         assert [s["__key__"] for s in seq] == [s.key for s in read_tar(str(tar))] and tar_rejects == []
     seq, _ = cache.samples("img-001")
-    assert seq[3] == {"__key__": "s1_003", "__features__": None} and seq[6] == {"__key__": "s1_006"}
+    assert seq[3] == {"__key__": "s1_003", "__features__": None, "__reject__": "corrupt_image"}
+    assert seq[6] == {"__key__": "s1_006"}
     rejects = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     assert sorted((r["reason"], r["key"], r["position"]) for r in rejects) == [
         ("corrupt_image", "s1_003", 3), ("missing_image", "s1_006", 6)]  # fmt: skip
@@ -161,3 +162,31 @@ def test_kill_9_mid_job_then_rerun_equals_uninterrupted(ray_local, tower, tmp_pa
         kb, fb = b.features(name)
         assert ka == kb and np.allclose(fa, fb, atol=1e-6)
     assert b.validate() == [] and not list(out.glob(".tmp-*"))
+
+
+def test_a_bomb_sized_image_is_its_own_reject_and_a_frozen_run_skips_it_as_such(ray_local, tower, tmp_path):
+    """embed-images counts an image past PIL's decompression bomb limit as `image_too_large` (not decoded), and
+    the image cache hands that reason on, so a frozen-tower run skips it as train-vision does from the tar."""
+    import webdataset as wds
+
+    from l2c.data.images import ImageTooLarge
+    from l2c.trainer.vision.image_cache import CachedFeatureStream
+    from tests.l2c.data.test_images import bomb_png
+    from tests.trainer.vision.train_helpers import class_image, jpeg_bytes
+
+    rng = np.random.default_rng(0)
+    tar = tmp_path / "src" / "img-000.tar"
+    tar.parent.mkdir()
+    with wds.TarWriter(str(tar)) as w:
+        for i in range(5):
+            image = {"png": bomb_png(9500, 9500)} if i == 2 else {"jpg": jpeg_bytes(class_image(i % 4, rng))}
+            w.write({"__key__": f"k{i}", **image})
+    out = tmp_path / "cache"
+    assert embed([tar], out, tower) == 0
+    rejects = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["reason"], r["key"], r["position"]) for r in rejects] == [("image_too_large", "k2", 2)]
+    seq, _ = ImageCache(out).samples("img-000")
+    assert [s["__key__"] for s in seq] == [f"k{i}" for i in range(5)]
+    assert seq[2] == {"__key__": "k2", "__features__": None, "__reject__": "image_too_large"}
+    with pytest.raises(ImageTooLarge):
+        CachedFeatureStream.image_input(None, seq[2], None)

@@ -71,7 +71,7 @@ def test_s3_sources_and_cache_survive_a_kill(ray_local, s3_server, s3_bucket, tm
     assert {v["source"] for v in b.values()} == {f"{s3_bucket}/src/{p.name}" for p in shards}
     assert store.read_text("rejected.jsonl") == ""
     assert sorted(fs.find(out[5:])) == sorted(
-        [f"{out[5:]}/{n}" for n in ("manifest.json", "rejected.jsonl")]
+        [f"{out[5:]}/{n}" for n in ("manifest.json", "rejected.jsonl", "keys_checked.json")]
         + [f"{out[5:]}/shard-{i:03d}.parquet" for i in range(5)]
         + [f"{out[5:]}/rejected/shard-{i:03d}.jsonl" for i in range(5)]
     )  # nothing else: no temp objects

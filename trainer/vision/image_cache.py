@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from l2c.cache import CacheError, TextCache
+from l2c.data.images import TOO_LARGE, ImageTooLarge
 from l2c.data.shards import TarReject
 from l2c.image_cache import ImageCache
 from l2c.trainer.vision.config import TrainConfig
@@ -53,7 +54,9 @@ class CachedFeatureStream(PairedStream):
 
     def image_input(self, sample: dict, rng: random.Random) -> torch.Tensor:
         features = sample["__features__"]
-        if features is None:  # the image did not decode when the cache was made
+        if features is None:  # the image did not decode when the cache was made: skipped for the same reason
+            if sample.get("__reject__") == TOO_LARGE:
+                raise ImageTooLarge(f"{sample['__key__']}: no feature (image_too_large when the cache was made)")
             raise ValueError(f"{sample['__key__']}: no feature (corrupt image)")
         return torch.from_numpy(
             np.array(features, np.float32)

@@ -259,7 +259,7 @@ def _checkpoint_to_resume(job: TrainJob, paths: RunPaths, cache: TextCache, worl
             f"({ckpt['cache_fingerprint'][:16]}…): the vectors come from another encoder or settings; "
             "resume with the original cache, or start a new run"
         )
-    changed = check_changes(ckpt["config"], to_dict(cfg), RESUME_SAFE, f"run {paths.root}")
+    changed = check_changes(ckpt["config"], to_dict(cfg), RESUME_SAFE, f"run {paths.root}", to_dict(TrainConfig()))
     if changed:
         log.info("resuming %s with %s", paths.root, "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     if (ckpt["world_size"], ckpt["num_workers"]) != (world, cfg.data.workers):

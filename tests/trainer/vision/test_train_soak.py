@@ -55,11 +55,12 @@ def test_soak_kill_damage_concurrent_then_equal_to_uninterrupted(tmp_path):
         if round_ == 1:  # a second run into the same --out while this one holds it: refused, nothing written
             second = subprocess.run(cmd(run), env=env, capture_output=True, text=True)
             assert second.returncode == 2 and "in use by another train-vision job" in second.stderr
-        target = rng.randint(3, 12) + 12 * round_  # a random step of this round's third of the schedule
+        target = rng.randint(3, 8) + 12 * round_  # a random step of this round's third of the schedule (8+ left)
         while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= target):
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.5))  # anywhere in a step: a checkpoint may be half written
+        time.sleep(rng.uniform(0.0, 0.2))  # anywhere in a step: a checkpoint may be half written
+        assert proc.poll() is None, "the run ended before it was killed: the test's steps are too fast"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         # the damaged cache is refused before a step: the run directory is left as it was
