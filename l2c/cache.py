@@ -264,6 +264,25 @@ def open_cache_store(spec: str | Path | Store) -> Store:
         raise CacheError(str(e)) from e
 
 
+class ShardFinder:
+    """The shard of a source (by source path, then by file stem), from two lookups built once: O(shards) to
+    build, O(1) per tar. `TextCache.shard_for_source` keeps one per manifest."""
+
+    def __init__(self, cache: TextCache):
+        self.manifest = cache.manifest
+        self.by_source: dict[str, str] = {}
+        for name, entry in cache.manifest.shards.items():
+            self.by_source.setdefault(entry.source, name)  # the first shard of a source, in manifest order
+        self.names = set(cache.manifest.shards)
+
+    def __call__(self, source: str | Path) -> str | None:
+        src = str(source)
+        if src in self.by_source:
+            return self.by_source[src]
+        stem = Path(src).name.split(".")[0]
+        return stem if stem in self.names else None
+
+
 class TextCache:
     """Read access to a finished (or partly finished) text-embedding cache.
 
@@ -330,13 +349,11 @@ class TextCache:
         return sum(s.rows for s in self.manifest.shards.values())
 
     def shard_for_source(self, source: str | Path) -> str | None:
-        """Name of the shard written from `source` (matched by path, then by file stem)."""
-        src = str(source)
-        for name, entry in self.manifest.shards.items():
-            if entry.source == src:
-                return name
-        stem = Path(src).name.split(".")[0]
-        return stem if stem in self.manifest.shards else None
+        """Name of the shard written from `source` (matched by path, then by file stem); O(1) per call."""
+        finder = self.__dict__.get("_finder")
+        if finder is None or finder.manifest is not self.manifest:
+            finder = self._finder = ShardFinder(self)
+        return finder(source)
 
     def read_shard(self, name: str, columns: list[str] | None = None) -> pa.Table:
         entry = self.manifest.shards[name]
@@ -417,11 +434,12 @@ class TextCache:
         schema = pq.read_schema(self.store.path(self.manifest.shards[name].file), filesystem=self._arrow_fs)
         return schema.field("embedding").type.list_size
 
-    def check_dims(self, expected: int | None = None) -> None:
-        """Refuse, with both numbers, shards whose vectors disagree with the manifest's dim or with `expected`."""
+    def check_dims(self, expected: int | None = None, part: tuple[int, int] = (0, 1)) -> None:
+        """Refuse, with both numbers, shards whose vectors disagree with the manifest's dim or with `expected`.
+        `part=(i, n)`: only every n-th shard from the i-th (n ranks share the footer reads of a large cache)."""
         if expected and expected != self.dim:
             raise CacheError(f"{FORMATS[self.FORMAT]} {self.dir} holds {self.dim}-dim vectors, {expected} expected")
-        for name, entry in sorted(self.manifest.shards.items()):
+        for name, entry in sorted(self.manifest.shards.items())[part[0] :: part[1]]:
             if entry.rows and (size := self.shard_dim(name)) != self.dim:
                 raise CacheError(
                     f"{FORMATS[self.FORMAT]} {self.dir}: shard {name} holds {size}-dim vectors but the manifest says "

@@ -67,11 +67,12 @@ def _marker(path: Path) -> dict | None:
 
 
 def check(out: str | Path, command: str, owns: tuple[str, ...] = (), cache_ok: bool = False,
-          option: str = "--out") -> Path:  # fmt: skip
+          option: str = "--out", run_ok: bool = False) -> Path:  # fmt: skip
     """The absolute `--out` of `command` if it may write there (see the module's rule), else `OutputRefused`.
 
     `owns`: name patterns of what the command writes in place, so a folder holding only those is its own;
-    `cache_ok`: a cache folder is the command's own (the embed commands); `option`: how messages name it."""
+    `cache_ok`: a cache folder is the command's own (the embed commands); `run_ok`: a run directory is (a
+    trainer resumes it); `option`: how messages name it."""
     given = f"{option} {out}" if option else str(out)
     p = Path(out).expanduser().resolve()
     if p.exists() and not p.is_dir():
@@ -85,6 +86,8 @@ def check(out: str | Path, command: str, owns: tuple[str, ...] = (), cache_ok: b
         kind = what_is(place)
         if kind is None or (place == p and cache_ok and is_cache(p)):
             continue
+        if place == p and run_ok and kind.startswith("a run directory"):
+            return p  # the trainer's own earlier run: it resumes (and writes only its own names there)
         where = f"is {kind}" if place == p else f"is inside {kind} at {place}"
         raise OutputRefused(f"{given} {where}: {command} never writes over or into it; choose a new folder")
     if p.is_dir():

@@ -188,43 +188,53 @@ def embed_images(
         if not value:
             raise ConfigError(f"embed-images needs {what} (or its key in the --config file)")
     s = run_embed_images(cfg)
-    t = Table(title=f"embed-images → {s['out']}", show_header=False)
-    t.add_row("shards (written / skipped / total)", f"{s['shards_written']} / {s['shards_skipped']} / {s['shards']}")
-    if s["shards_failed"]:
-        t.add_row("[red]shards unreadable", ", ".join(s["shards_failed"]))
-    if s["shards_partial"]:
-        t.add_row("[yellow]shards partial (damaged source)", ", ".join(s["shards_partial"]))
+    t = _shard_table(f"embed-images → {s['out']}", s, s["shards"], "shards unreadable", "damaged source")
     t.add_row("features in cache", f"{s['rows']:,} × {s['dim']}" + ("  (+ patch-token mean)" if s["patch_mean"] else ""))
     t.add_row("throughput", f"{s['images_per_s']:,.1f} images/s")
-    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["rejected_by_reason_this_run"].items())) or "none"
-    t.add_row("rejected (see rejected.jsonl)", f"{s['rejected']:,}  ({reasons})")
+    t.add_row("rejected (see rejected.jsonl)", f"{s['rejected']:,}  ({_reasons(s)})")
     t.add_row("time", f"{s['seconds']:.1f} s  ({_runner_text(s)})")
     console.print(t)
     return s
 
 
+def _shard_table(title: str, s: dict, total: int, failed: str, partial: str) -> Table:
+    """The summary's first rows, shared by the commands that write one shard per source."""
+    t = Table(title=title, show_header=False)
+    t.add_row("shards (written / skipped / total)", f"{s['shards_written']} / {s['shards_skipped']} / {total}")
+    if s["shards_failed"]:
+        t.add_row(f"[red]{failed}", ", ".join(s["shards_failed"]))
+    if s["shards_partial"]:
+        t.add_row(f"[yellow]shards partial ({partial})", ", ".join(s["shards_partial"]))
+    return t
+
+
+def _reasons(s: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(s["rejected_by_reason_this_run"].items())) or "none"
+
+
 def align_cache(
-    text_cache: Annotated[str, typer.Option("--text-cache", help="the text cache to align: rows grouped otherwise than the tars (e.g. embedded from caption tables)")],
-    images: Annotated[list[str], typer.Option("--images", help="image tars: paths, directories, globs, brace ranges, URLs (repeatable)")],
-    out: Annotated[str, typer.Option("--out", "-o", help="the aligned cache: one shard per tar (a path or an object-store URL); a rerun writes only the shards it lacks")],
+    ctx: typer.Context,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides of AlignConfig fields (after --config)")] = None,
+    text_cache: Annotated[str | None, typer.Option("--text-cache", help="the text cache to align: rows grouped otherwise than the tars (e.g. embedded from caption tables)")] = None,
+    images: Annotated[list[str] | None, typer.Option("--images", help="image tars: paths, directories, globs, brace ranges, URLs (repeatable)")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="the aligned cache: one shard per tar (a path or an object-store URL); a rerun writes only the shards it lacks")] = None,
+    config: Annotated[str | None, typer.Option("--config", help="YAML of AlignConfig fields (configs/NAME.yaml or a path); key=value overrides apply on top, flags given on the command line win")] = None,
     partition_mb: Annotated[float, typer.Option(help="vectors per partition, MB: what one task holds (about twice this at its peak)")] = 1024,
     ray_address: Annotated[str | None, typer.Option(envvar="RAY_ADDRESS", help="join a Ray cluster (default: this process, or a running local Ray)")] = None,
     runner: Annotated[str, typer.Option(help="auto|local|ray: local runs the stages in this process (auto does when no Ray is addressed or running), ray as a Ray Data job")] = "auto",
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> dict:  # fmt: skip
     """Rewrite a text cache as one shard per image tar, rows in the tar's key order (an aligned cache)."""
+    from l2c.config import given, load_config
     from l2c.pipeline.align import AlignConfig, run_align
 
-    s = run_align(AlignConfig(text_cache, list(images), out, partition_mb, ray_address, runner, progress))
-    t = Table(title=f"align-cache → {s['out']}", show_header=False)
-    t.add_row("shards (written / skipped / total)", f"{s['shards_written']} / {s['shards_skipped']} / {s['tars']}")
-    if s["shards_failed"]:
-        t.add_row("[red]tars unreadable", ", ".join(s["shards_failed"]))
-    if s["shards_partial"]:
-        t.add_row("[yellow]shards partial (damaged tar)", ", ".join(s["shards_partial"]))
+    flags = given(ctx, {k: (k, v) for k, v in {
+        "text_cache": text_cache, "images": images, "out": out, "partition_mb": partition_mb,
+        "ray_address": ray_address, "runner": runner, "progress": progress}.items()})  # fmt: skip
+    s = run_align(load_config(AlignConfig, config, overrides, flags))
+    t = _shard_table(f"align-cache → {s['out']}", s, s["tars"], "tars unreadable", "damaged tar")
     t.add_row("vectors in cache", f"{s['rows']:,} × {s['dim']}")
-    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["rejected_by_reason_this_run"].items())) or "none"
-    t.add_row("tar keys without a vector (rejected.jsonl)", f"{s['rejected']:,}  ({reasons})")
+    t.add_row("tar keys without a vector (rejected.jsonl)", f"{s['rejected']:,}  ({_reasons(s)})")
     t.add_row("text cache rows of no tar aligned now", f"{s['cache_rows_not_routed']:,} of {s['cache_rows_read']:,}")
     t.add_row("partitions / peak RSS per task", f"{s['partitions']} / {max(s['peak_rss_mb'].values()):,.0f} MB")
     t.add_row("time", f"{s['seconds']:.1f} s  ({_runner_text(s)})")
@@ -233,8 +243,11 @@ def align_cache(
 
 
 def mine_negatives(
-    text_cache: Annotated[str, typer.Option("--text-cache", help="the text cache whose keys to mine (a path or an object-store URL; with a URL, give --out)")],
+    ctx: typer.Context,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides of MineConfig fields (after --config; e.g. nlist=4096 pca_dim=128 pq=16)")] = None,
+    text_cache: Annotated[str | None, typer.Option("--text-cache", help="the text cache whose keys to mine (a path or an object-store URL; with a URL, give --out)")] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="a local folder for the neighbours, one Parquet per cache shard (default TEXT_CACHE/negatives, where train-vision looks)")] = None,
+    config: Annotated[str | None, typer.Option("--config", help="YAML of MineConfig fields (configs/NAME.yaml or a path); key=value overrides apply on top, flags given on the command line win")] = None,
     k: Annotated[int, typer.Option(help="neighbours kept per key, nearest first")] = 16,
     field: Annotated[list[str], typer.Option("--field", "-f", help="repeatable: the caption fields a key's vector averages (default all)")] = [],  # noqa: B006
     index: Annotated[str, typer.Option(help="auto | flat (exact) | ivfpq (PCA, IVF-HNSW, PQ: bounded memory at any size) | a faiss index_factory string")] = "auto",
@@ -244,13 +257,18 @@ def mine_negatives(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> dict:  # fmt: skip
     """Mine each key's nearest other keys in a text cache (faiss), one Parquet per cache shard (resumable)."""
+    from l2c.config import given, load_config
     from l2c.pipeline.negatives import MineConfig, run_mine
 
-    s = run_mine(MineConfig(text_cache, out or "", k, list(field), index, nprobe, train_size=train_size, seed=seed,
-                            progress=progress))  # fmt: skip
+    flags = given(ctx, {key: (name, v) for key, (name, v) in {
+        "text_cache": ("text_cache", text_cache), "out": ("out", out), "k": ("k", k), "fields": ("field", field),
+        "index": ("index", index), "nprobe": ("nprobe", nprobe), "train_size": ("train_size", train_size),
+        "seed": ("seed", seed), "progress": ("progress", progress)}.items()})  # fmt: skip
+    cfg = load_config(MineConfig, config, overrides, flags)
+    s = run_mine(cfg)
     t = Table(title=f"mine-negatives → {s['out']}", show_header=False)
     t.add_row("keys / shards (written now)", f"{s['keys']:,} / {s['shards']} ({s['shards_written']})")
-    t.add_row("index / neighbours per key", f"{s['index']} / {k}")
+    t.add_row("index / neighbours per key", f"{s['index']} / {cfg.k}")
     t.add_row("time", f"{s['seconds']:.1f} s")
     console.print(t)
     return s

@@ -64,7 +64,7 @@ class NegativesError(L2CError):
 
 @dataclass
 class MineConfig:
-    text_cache: str
+    text_cache: str = ""
     out: str = ""  # default: TEXT_CACHE/negatives
     k: int = 16
     fields: list[str] = field(default_factory=list)  # default: every field of the cache
@@ -78,6 +78,8 @@ class MineConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        if not self.text_cache:
+            raise NegativesError("mine-negatives needs --text-cache (or text_cache in the --config file)")
         if self.k < 1 or self.nprobe < 1 or self.train_size < 1 or self.pq < 1 or self.pca_dim < 1 or self.nlist < 0:
             raise NegativesError("mine-negatives: k, nprobe, train_size, pq and pca_dim must be >= 1, nlist >= 0")
 

@@ -16,7 +16,7 @@ from l2c.config import ConfigError
 
 @dataclass
 class Workload:
-    captions: int = 15_000_000
+    captions: int = 75_000_000  # 5 per image
     tokens_per_caption: float = 150.0
     images: int = 15_000_000
     image_kb: float = 100.0  # stored JPEG per image
@@ -150,7 +150,8 @@ def train_stage(cfg: ScalingConfig, rates: dict) -> tuple[list[dict], float]:
         limits = {
             "gpu": t_gpu,
             "cpu": t_gpu * cores / cfg.node.cpu_cores,
-            "storage": w.images * (w.image_kb * 1e3 + vec_bytes) / 1e9 / cfg.shared_fs_gb_s,
+            # every image's JPEG and every one of its caption vectors (a shard is read whole; one drawn per step)
+            "storage": (w.images * w.image_kb * 1e3 + w.captions * vec_bytes) / 1e9 / cfg.shared_fs_gb_s,
             "network": t_gpu * allreduce_s / step_s,  # gradient all-reduce, overlapped with compute by DDP
         }
         extra = {"cores_per_node": cores, "images_per_s_per_gpu": per_gpu,

@@ -87,6 +87,9 @@ def test_dim_disagreeing_with_vectors_is_refused_with_both_numbers(tmp_path):
     c = TextCache(tmp_path)
     with pytest.raises(CacheError, match="shard s0 holds 8-dim vectors but the manifest says dim=16"):
         c.check_dims()
+    with pytest.raises(CacheError, match="shard s0 holds"):
+        c.check_dims(part=(0, 2))  # rank 0 of 2 reads s0's footer
+    c.check_dims(part=(1, 2))  # rank 1 of 2 reads none here: the ranks share the footer reads
     assert c.validate() == ["s0: 8-dim vectors, manifest says dim=16"]  # one line, no Arrow schema dump
     with pytest.raises(CacheError, match="holds 16-dim vectors, 32 expected"):
         c.check_dims(32)

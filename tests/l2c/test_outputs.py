@@ -203,3 +203,26 @@ def test_make_demo_data_out_rule(refused, tmp_path):
     for _ in range(2):  # its own output again
         assert main(["make-demo-data", str(out), "--n", "4", "--val-n", "2", "--shard-size", "2"]) == 0
     assert sorted(os.listdir(mine)) == ["notes.txt", "photo.jpg"] and len(os.listdir(out / "train")) == 2
+
+
+def test_train_vision_out_rule(refused, run_dir, tmp_path):
+    """train-vision's --out: a new or empty folder, or a run directory (it resumes there); never a file, a
+    folder of the user's files, a folder inside a run or a cache. Checked before the config or the cache."""
+    cmd = ["train-vision", "--images", tmp_path / "x.tar", "--text-cache", tmp_path / "no-cache", "--no-progress"]
+    refuses_a_file_and_a_folder_of_others(refused, cmd, tmp_path, "train-vision")
+    refused([*cmd, "--out", run_dir / "export"], r"is inside a run directory")
+    cache = tmp_path / "a-cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(json.dumps({"format": "l2c-text-cache", "shards": {}}) + "\n")
+    refused([*cmd, "--out", cache], r"is a text cache \(manifest.json\)")
+    before = snapshot(run_dir)
+    assert check(run_dir, "train-vision", owns=("config.yaml",), run_ok=True) == run_dir.resolve()  # resumes
+    # past the --out rule, the next check speaks (the config), nothing written into the run
+    refused([*cmd, "--out", run_dir], r"model.vision: set `pretrained`")
+    assert snapshot(run_dir) == before
+
+
+def test_eval_suite_out_rule(refused, run_dir, tmp_path):
+    cmd = ["eval-suite", "--model", run_dir, "--data", tmp_path]
+    refuses_a_file_and_a_folder_of_others(refused, cmd, tmp_path, "eval-suite")
+    refused([*cmd, "--out", run_dir], r"is a run directory")

@@ -21,7 +21,7 @@ def cfg(*overrides: str) -> ScalingConfig:
 
 def test_shipped_config_loads_and_bad_values_are_refused():
     c = cfg()
-    assert c.gpus == [8, 64, 512] and c.text.params == 8e9 and c.workload.captions == 15_000_000
+    assert c.gpus == [8, 64, 512] and c.text.params == 8e9 and c.workload.captions == 75_000_000
     for bad, msg in (("gpus=[0]", "positive"), ("vision.image_size=512", "224 or 336"),
                      ("assumed.embed_mfu=1.5", r"\(0, 1\]"), ("shared_fs_gb_s=0", "positive")):  # fmt: skip
         with pytest.raises(ConfigError, match=msg):
@@ -30,7 +30,7 @@ def test_shipped_config_loads_and_bad_values_are_refused():
 
 def test_compute_is_conserved_and_limits_move_with_the_cluster():
     res = estimate(cfg("gpus=[8, 16, 64, 512]"), NODE)
-    tokens = 15e6 * 150
+    tokens = 75e6 * 150  # 15M images x 5 captions
     for r in res["embed"]:
         assert r["limits_s"]["gpu"] * r["gpus"] == pytest.approx(tokens / res["embed_tokens_per_gpu_s"])
         assert r["wall_s"] == pytest.approx(r["fixed_s"] + max(r["limits_s"].values()))
@@ -39,9 +39,14 @@ def test_compute_is_conserved_and_limits_move_with_the_cluster():
     assert walls == sorted(walls, reverse=True)  # more GPUs, never slower
     assert len({round(r["limits_s"]["storage"], 6) for r in res["embed"]}) == 1  # bytes out do not depend on GPUs
     assert res["embed"][0]["bottleneck"] == "gpu"
-    # the model's weights are read once per node from shared storage: at 512 GPUs start-up outweighs the work
-    assert res["embed"][-1]["model_load_s"] == pytest.approx(64 * 16 / 10) and res["embed"][-1]["bottleneck"] == "fixed"
+    # the model's weights are read once per node from shared storage: at 512 GPUs, on 1M captions, start-up
+    # outweighs the work
+    assert res["embed"][-1]["model_load_s"] == pytest.approx(64 * 16 / 10)
+    assert estimate(cfg("gpus=[512]", "workload.captions=1000000"), NODE)["embed"][0]["bottleneck"] == "fixed"
     assert res["train"][-1]["bottleneck"] == "storage"  # 15M x 100 KB images through 10 GB/s
+    # an epoch reads every image and every caption vector of it: 15M x 100 KB + 75M vectors of 4,096 x 2 B (+ keys)
+    vec = res["measured_node"]["bytes_per_vector"] * 4096 / res["measured_node"]["vector_dim_measured"]
+    assert res["train"][0]["limits_s"]["storage"] == pytest.approx((15e6 * 100e3 + 75e6 * vec) / 1e9 / 10)
     # the measured per-core rates decide the CPU need: decode cores per node = 8 GPUs x images/s / per-core rate
     t = res["train"][0]
     assert t["cores_per_node"] == pytest.approx(8 * t["images_per_s_per_gpu"] / NODE["image_decode"]["images_per_s_224"])

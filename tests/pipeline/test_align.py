@@ -163,6 +163,26 @@ def test_refuses_an_out_of_another_teacher_and_the_cache_itself(data, tmp_path, 
     assert s["shards_skipped"] == 2 and s["shards_written"] == 3
 
 
+def test_config_file_overrides_and_flags_reach_the_job(data, tmp_path, refused):
+    """align-cache takes its settings as every command does (l2c.config.load_config): the --config file, then
+    key=value overrides, then the flags typed on the command line."""
+    import yaml
+
+    from l2c.cli import main
+
+    urls, _, _, cache_dir = data
+    cfg = tmp_path / "align.yaml"
+    cfg.write_text(yaml.safe_dump({"text_cache": str(cache_dir), "images": urls[:3], "out": str(tmp_path / "from-file"),
+                                   "runner": "local", "progress": False}))  # fmt: skip
+    assert main(["align-cache", "--config", str(cfg), "partition_mb=0.01", "--out", str(tmp_path / "flag")]) == 0
+    assert not (tmp_path / "from-file").exists()  # the flag won over the file
+    c = TextCache(tmp_path / "flag")
+    assert c.shard_names == ["part-0000", "part-0001", "part-0002"]
+    refused(["align-cache", "--images", urls[0], "--out", str(tmp_path / "x"), "--no-progress"],
+            "align-cache needs --text-cache")
+    refused(["align-cache", "--config", str(cfg), "partition_mb=0"], "--partition-mb must be positive")
+
+
 @pytest.mark.slow
 def test_kill_9_mid_job_then_rerun_equals_uninterrupted(tmp_path, png_bytes):
     urls, tar_keys = make_tars(tmp_path / "tars", n_tars=40, per_tar=300, png=png_bytes)

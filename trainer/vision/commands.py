@@ -76,6 +76,12 @@ def register(app) -> None:
         from l2c.trainer.vision.config import TrainConfig
         from l2c.trainer.vision.loop import run_train_vision
 
+        from l2c import outputs
+        from l2c.storage import is_url
+        from l2c.trainer.vision.loop import RUN_NAMES
+
+        if not is_url(out):  # before any work: a new or empty folder, or a run of its own (it resumes)
+            outputs.check(out, "train-vision", owns=RUN_NAMES, run_ok=True)
         cfg = load_config(TrainConfig, config, overrides or [])
         images = (images[0] if len(images) == 1 else list(images)) if images else None
         job = TrainJob(cfg, images, text_cache, out, resume=resume, overwrite=overwrite, image_cache=image_cache,

@@ -102,6 +102,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
         feature=meta.image_head.get("feature", "pooled"),
         head_layers=int(meta.image_head.get("layers", 1)),
         head_hidden=int(meta.image_head.get("hidden", 0)),
+        nested_dims=meta.nested_dims,  # so that ModelMeta.of(model) of a loaded export keeps them
     )
     heads = load_file(str(root / HEADS))
     missing, unexpected = model.load_state_dict(heads, strict=False)

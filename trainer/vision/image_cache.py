@@ -14,13 +14,12 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from l2c.cache import CacheError, TextCache
+from l2c.cache import CacheError, ShardFinder, TextCache
 from l2c.data.images import TOO_LARGE, ImageTooLarge
 from l2c.data.shards import TarReject
 from l2c.image_cache import ImageCache
 from l2c.trainer.vision.config import TrainConfig
 from l2c.trainer.vision.data import PairedStream
-from l2c.trainer.vision.pairing import ShardFinder
 from l2c.trainer.vision.tower import ImageSpec
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from l2c import atomic
-from l2c.cache import CacheError, TextCache
+from l2c.cache import CacheError, ShardFinder, TextCache
 from l2c.config import dump_config, to_dict
 from l2c.data.shards import expand_shards
 from l2c.errors import JobFailed, L2CError
@@ -52,7 +52,7 @@ from l2c.trainer.vision.loader import make_loader
 from l2c.trainer.vision.loss import make_loss, nested_dims
 from l2c.trainer.vision.model import L2CModel
 from l2c.trainer.vision.optim import make_optimizer
-from l2c.trainer.vision.pairing import ShardFinder, plan_tars, used_fields
+from l2c.trainer.vision.pairing import plan_tars, used_fields
 from l2c.trainer.vision.tower import build_vision_tower, freeze_first_blocks
 
 MAX_EXAMPLES = 20
@@ -65,6 +65,7 @@ RESUME_SAFE = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "to
 # What train-vision writes into its run directory (`--overwrite` removes these, nothing else).
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "curves.png", "data_skips.json", "summary.json", "export",
                "pairing-index", "config.yaml")  # fmt: skip
+RUN_NAMES = (*RUN_OUTPUTS, ".l2c-lock.json")  # all that train-vision writes in its --out
 
 
 @dataclass
@@ -135,7 +136,14 @@ def check_cache(cfg: TrainConfig, cache: TextCache) -> None:
         )
     if not cache.manifest.shards:
         raise CacheError(f"text cache {cache.dir} has no finished shards")
-    cache.check_dims()
+    try:  # each rank reads the footers of its share of the shards; every rank stops on any rank's finding
+        cache.check_dims(part=(D.rank(), D.world_size()))
+        found = None
+    except CacheError as e:
+        found = str(e)
+    found = next((f for f in D.all_gather_object(found) if f), None)
+    if found:
+        raise CacheError(found)
     if cfg.model.init:  # a released-layout model exported from an l2c run records the teacher it learned from
         from l2c.trainer.vision.released import recorded_meta
 

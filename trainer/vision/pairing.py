@@ -246,24 +246,6 @@ def longest_increasing(seq: list[int]) -> int:
 
 
 
-class ShardFinder:
-    """The cache shard of a source, found as `TextCache.shard_for_source` finds it (by source path, then by file
-    stem), from two lookups built once: O(shards) to build, O(1) per tar."""
-
-    def __init__(self, cache: TextCache):
-        self.by_source: dict[str, str] = {}
-        for name, entry in cache.manifest.shards.items():
-            self.by_source.setdefault(entry.source, name)  # the first shard of a source, as shard_for_source
-        self.names = set(cache.manifest.shards)
-
-    def __call__(self, source: str | Path) -> str | None:
-        src = str(source)
-        if src in self.by_source:
-            return self.by_source[src]
-        stem = Path(src).name.split(".")[0]
-        return stem if stem in self.names else None
-
-
 @dataclass
 class PairingPlan:
     """How each tar is paired: by its own shard (`aligned`), or through the join index (`join_tars`)."""
@@ -308,7 +290,7 @@ def plan_tars(cache: TextCache, tars: list[str], mode: str, join_max_rows: int,
     """Decide each tar's pairing in O(tars + shards) (see the module docstring for `mode`); refuse with one line
     a tar without a shard under `aligned`, and a join index above `join_max_rows` rows. `images`: the tars as
     the user gave them, for the `l2c align-cache` command the refusal suggests."""
-    find = ShardFinder(cache)
+    find = cache.shard_for_source
     names = {t: find(t) for t in tars}
     without = [t for t, n in names.items() if n is None]
     lacking = f"{len(without):,} of {len(tars):,} tar(s) have no cache shard of their own (first: " \

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from l2c.cache import CacheError, Manifest, TextCache
+from l2c.cache import CacheError, Manifest, ShardFinder, TextCache
 from l2c.data.shards import read_tar
 from l2c.fields import covers
-from l2c.trainer.vision.pairing import ShardFinder, derangement, plan_pairing, plan_tars, used_fields
+from l2c.trainer.vision.pairing import derangement, plan_pairing, plan_tars, used_fields
 from tests.trainer.vision.train_helpers import write_cache, write_class_shards
 
 SPEC = "json:captions[*]"
@@ -126,10 +126,10 @@ def many_shards(tmp_path_factory):
 
 def test_plan_walks_the_manifest_a_fixed_number_of_times_whatever_the_tars(many_shards):
     tars, cache = many_shards
-    tc = TextCache(cache)
-    assert len(tc.manifest.shards) == 600
     walks = []
     for n in (6, 60):
+        tc = TextCache(cache)  # a fresh handle each time: its shard lookup is built once per manifest
+        assert len(tc.manifest.shards) == 600
         tc.manifest.shards = CountingShards(tc.manifest.shards)
         CountingShards.walks = 0
         plan = plan_tars(tc, tars[:n], "auto", 0)

@@ -570,5 +570,7 @@ def test_resume_with_each_loss_option_equals_uninterrupted(classes, tmp_path, op
     plain = [o for o in LOSS_OPTIONS[option] if o.startswith(("data.", "loss.kind"))]
     train(TrainJob(tiny_cfg("steps=3", "data.workers=2", *plain), images, cache, tmp_path / "plain", progress=False))
     assert metrics(tmp_path / "plain")[0]["loss"] != pytest.approx(a[0]["loss"], rel=1e-4)
-    nested = load_exported(tmp_path / "full").meta.nested_dims
+    loaded = load_exported(tmp_path / "full")
+    nested = loaded.meta.nested_dims
     assert nested == ([8, 16, 24] if option == "nested-dims" else [8, 24] if "siglip" in option else [])
+    assert loaded.nested_dims == nested  # the loaded module carries them too (a re-export keeps them)
