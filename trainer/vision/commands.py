@@ -71,14 +71,12 @@ def register(app) -> None:
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
         """Train a vision encoder against cached LLM text vectors (LLM2CLIP); exports RUN_DIR/export."""
+        from l2c import outputs
         from l2c.config import load_config
+        from l2c.storage import is_url
         from l2c.trainer.job import TrainJob
         from l2c.trainer.vision.config import TrainConfig
-        from l2c.trainer.vision.loop import run_train_vision
-
-        from l2c import outputs
-        from l2c.storage import is_url
-        from l2c.trainer.vision.loop import RUN_NAMES
+        from l2c.trainer.vision.loop import RUN_NAMES, run_train_vision
 
         if not is_url(out):  # before any work: a new or empty folder, or a run of its own (it resumes)
             outputs.check(out, "train-vision", owns=RUN_NAMES, run_ok=True)
