@@ -54,6 +54,18 @@ def what_is(path: Path) -> str | None:
     return None
 
 
+def run_of(path: Path) -> str | None:
+    """The trainer that wrote a run directory, told by its checkpoints' names (trainer/checkpoint.py: `step-`
+    for train-vision, `mntp-` / `contrastive-` for finetune-text); None when it holds none."""
+    try:
+        names = os.listdir(path / "checkpoints")
+    except OSError:
+        return None
+    if any(n.startswith(("mntp-", "contrastive-")) for n in names):
+        return "finetune-text"
+    return "train-vision" if any(n.startswith("step-") for n in names) else None
+
+
 def is_cache(path: Path) -> bool:
     return (what_is(path) or "").endswith("(manifest.json)")
 
@@ -86,7 +98,7 @@ def check(out: str | Path, command: str, owns: tuple[str, ...] = (), cache_ok: b
         kind = what_is(place)
         if kind is None or (place == p and cache_ok and is_cache(p)):
             continue
-        if place == p and run_ok and kind.startswith("a run directory"):
+        if place == p and run_ok and kind.startswith("a run directory") and run_of(p) in (None, command):
             return p  # the trainer's own earlier run: it resumes (and writes only its own names there)
         where = f"is {kind}" if place == p else f"is inside {kind} at {place}"
         raise OutputRefused(f"{given} {where}: {command} never writes over or into it; choose a new folder")

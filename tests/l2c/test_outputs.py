@@ -217,6 +217,10 @@ def test_train_vision_out_rule(refused, run_dir, tmp_path):
     refused([*cmd, "--out", cache], r"is a text cache \(manifest.json\)")
     before = snapshot(run_dir)
     assert check(run_dir, "train-vision", owns=("config.yaml",), run_ok=True) == run_dir.resolve()  # resumes
+    text_run = tmp_path / "text-run"  # a finetune-text run is no train-vision run to resume
+    (text_run / "checkpoints" / "contrastive-00000010").mkdir(parents=True)
+    (text_run / "config.yaml").write_text("train: {}\n")
+    refused([*cmd, "--out", text_run], r"is a run directory \(config.yaml, checkpoints/\): train-vision never writes")
     # past the --out rule, the next check speaks (the config), nothing written into the run
     refused([*cmd, "--out", run_dir], r"model.vision: set `pretrained`")
     assert snapshot(run_dir) == before
@@ -226,3 +230,19 @@ def test_eval_suite_out_rule(refused, run_dir, tmp_path):
     cmd = ["eval-suite", "--model", run_dir, "--data", tmp_path]
     refuses_a_file_and_a_folder_of_others(refused, cmd, tmp_path, "eval-suite")
     refused([*cmd, "--out", run_dir], r"is a run directory")
+
+
+def test_finetune_text_out_rule(refused, run_dir, tmp_path):
+    """finetune-text's --out: never a file, a folder of the user's files, or a train-vision run (whose
+    checkpoints and metrics its --overwrite would remove); its own run resumes."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"a": "a dog", "b": "a dog runs"}) + "\n")
+    cmd = ["finetune-text", "--model", "minilm", "--pairs", pairs]
+    refuses_a_file_and_a_folder_of_others(refused, cmd, tmp_path, "finetune-text")
+    before = snapshot(run_dir)
+    refused([*cmd, "--out", run_dir, "--overwrite"], r"is a run directory \(config.yaml, checkpoints/, metrics.jsonl\)")
+    assert snapshot(run_dir) == before
+    own = tmp_path / "ft"
+    (own / "checkpoints" / "contrastive-00000004").mkdir(parents=True)
+    (own / "config.yaml").write_text("train: {}\n")
+    assert check(own, "finetune-text", owns=("config.yaml",), run_ok=True) == own.resolve()

@@ -68,10 +68,13 @@ def finetune_text_command(
     """Fine-tune a text encoder with a caption-contrastive loss (LLM2CLIP stage 1); writes OUT/model/."""
     from rich.console import Console
 
+    from l2c import outputs
     from l2c.config import given, load_config
     from l2c.progress import ProgressBar
     from l2c.trainer.text.config import FinetuneTextConfig
-    from l2c.trainer.text.finetune import finetune_text
+    from l2c.trainer.text.finetune import RUN_NAMES, finetune_text
+
+    outputs.check(out, "finetune-text", owns=RUN_NAMES, run_ok=True)  # before any work: new, empty or its own run
 
     flags = given(ctx, {"model.path": ("model", model), "train.steps": ("steps", steps),
                         "train.max_steps": ("max_steps", max_steps), "train.max_minutes": ("max_minutes", max_minutes),

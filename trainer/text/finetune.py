@@ -38,6 +38,9 @@ from l2c.trainer.text.config import RESUME_SAFE, FinetuneTextConfig
 STAGES = ("mntp", "contrastive")
 CKPT_DIR = "checkpoints"
 DONE = "result.json"
+# all that finetune-text writes in its --out (a folder holding only these is its own earlier run)
+RUN_NAMES = (CKPT_DIR, "adapters", "adapter", "model", "metrics.jsonl", DONE, "progress.json", "config.yaml",
+             "data_report.json", "loss.png", "cra.png", ".l2c-lock.json")  # fmt: skip
 
 
 # ---------------------------------------------------------------- metrics and checkpoints
