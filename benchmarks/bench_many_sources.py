@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from l2c.memory import rss_mb
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
@@ -61,13 +63,6 @@ def tiny_bert(out: Path) -> Path:
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 class Sampler(threading.Thread):

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from l2c.memory import peak_rss_mb, rss_mb
+
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = 5
 TABLE_ROWS = 50_000
@@ -75,20 +77,7 @@ def _run_step(name: str, kwargs: str) -> None:
     start = rss_mb()
     t0 = time.perf_counter()
     res = STEPS[name](**json.loads(kwargs))
-    print(json.dumps({**res, "_seconds": time.perf_counter() - t0, "rss_start_mb": start, "_peak_mb": peak_mb()}))
-
-
-def peak_mb() -> float:
-    """This process's peak resident memory so far (VmHWM: of this program only; `ru_maxrss` would also count the
-    benchmark's own process, from which it was forked)."""
-    with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
-
-
-def rss_mb() -> float:
-    """This process's resident memory now."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    print(json.dumps({**res, "_seconds": time.perf_counter() - t0, "rss_start_mb": start, "_peak_mb": peak_rss_mb()}))
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -246,7 +235,7 @@ def eval_gallery(model: str, text_cache: str, n_images: int) -> dict:
     image_feats = search.l2_normalize(rng.standard_normal((len(keys), net.meta.embed_dim), dtype=np.float32))
     t0 = time.perf_counter()
     texts = caption_gallery(cache, keys, None, net, "float16")  # what `auto` keeps above 1 GiB
-    t_text, rss_text, peak_text = time.perf_counter() - t0, rss_mb(), peak_mb()
+    t_text, rss_text, peak_text = time.perf_counter() - t0, rss_mb(), peak_rss_mb()
     t0 = time.perf_counter()
     r = evaluate_gallery(keys, image_feats, texts, [1, 5], "faiss")
     return {"n_images": len(keys), "n_texts": r["n_texts"], "embed_dim": int(net.meta.embed_dim),

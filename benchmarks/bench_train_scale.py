@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from l2c.memory import peak_rss_mb, rss_mb
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -39,14 +41,6 @@ OVERRIDES = ['model.vision.config={"model_type": "vit", "hidden_size": 32, "num_
              "model.embed_dim=32", "model.adapter.n_blocks=1", "batch_size=8", "steps=2", "optim.warmup_steps=0",
              "precision=fp32", "log_every=1", "checkpoint_every=100", "data.workers=0", "data.shuffle_buffer=64",
              "torch_threads=1"]  # fmt: skip
-
-
-def rss_mb(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak since the process started, or since `reset_peak`) from /proc, in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 def reset_peak() -> None:
@@ -64,13 +58,13 @@ def startup(images: list[str], text_cache: str, out: str) -> dict:
 
     cfg = load_config(TrainConfig, None, OVERRIDES)
     reset_peak()
-    rss0 = rss_mb("VmRSS")
+    rss0 = rss_mb()
     t0 = time.perf_counter()
     first = {}
 
     def on_step(step: int, loss: float) -> None:
         if not first:
-            first.update(seconds=time.perf_counter() - t0, peak_rss_mb=rss_mb("VmHWM"))
+            first.update(seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
 
     train(TrainJob(cfg, images, text_cache, out, max_steps=1, progress=False), on_step=on_step)
     skips = json.loads((Path(out) / "data_skips.json").read_text())

@@ -269,7 +269,7 @@ class ShardFinder:
     build, O(1) per tar. `TextCache.shard_for_source` keeps one per manifest."""
 
     def __init__(self, cache: TextCache):
-        self.manifest = cache.manifest
+        self.shards, self.n = cache.manifest.shards, len(cache.manifest.shards)  # what it was built from
         self.by_source: dict[str, str] = {}
         for name, entry in cache.manifest.shards.items():
             self.by_source.setdefault(entry.source, name)  # the first shard of a source, in manifest order
@@ -300,6 +300,7 @@ class TextCache:
         self.store = open_cache_store(directory)
         self.manifest = Manifest.load(self.store)
         self.settings = self.manifest.settings
+        self._finder: ShardFinder | None = None  # shard_for_source's lookup, built on first use
         if self.manifest.format != self.FORMAT:
             raise CacheError(
                 f"{self.store} is an l2c {FORMATS[self.manifest.format]}, not a {FORMATS[self.FORMAT]}"
@@ -350,9 +351,9 @@ class TextCache:
 
     def shard_for_source(self, source: str | Path) -> str | None:
         """Name of the shard written from `source` (matched by path, then by file stem); O(1) per call."""
-        finder = self.__dict__.get("_finder")
-        if finder is None or finder.manifest is not self.manifest:
-            finder = self._finder = ShardFinder(self)
+        shards, finder = self.manifest.shards, self._finder
+        if finder is None or finder.shards is not shards or finder.n != len(shards):  # built afresh when
+            finder = self._finder = ShardFinder(self)  # the manifest was replaced or recorded a shard since
         return finder(source)
 
     def read_shard(self, name: str, columns: list[str] | None = None) -> pa.Table:

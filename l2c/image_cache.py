@@ -33,6 +33,7 @@ from l2c.cache import (
     embeddings_to_arrow,
     open_cache_store,
 )
+from l2c.data.images import TOO_LARGE
 from l2c.storage import Store
 
 FEATURES = (
@@ -40,7 +41,7 @@ FEATURES = (
     "patch_mean",
     "both",
 )  # what a head trains on: pooled, the patch-token mean, or both joined
-SAMPLE_REJECTS = ("missing_image", "corrupt_image", "image_too_large")  # rejects with a position in the tar's sample order
+SAMPLE_REJECTS = ("missing_image", "corrupt_image", TOO_LARGE)  # rejects with a position in the tar's sample order
 
 
 def image_schema(dim: int, store_dtype: str = "float32", patch_mean: bool = False) -> pa.Schema:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -58,6 +57,7 @@ from l2c.cache import (
 )
 from l2c.config import ConfigError
 from l2c.errors import L2CError
+from l2c.memory import peak_rss_mb
 from l2c.storage import Store
 
 WORK = ".tmp-align"  # the job's work folder inside --out (a `.tmp-` name: removed by the next run's start)
@@ -85,16 +85,6 @@ class AlignConfig:
         if not self.partition_mb > 0:
             raise ConfigError(f"--partition-mb must be positive, got {self.partition_mb}")
         check_runner(self.runner, self.ray_address)
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory: VmHWM (of this program; `ru_maxrss` also counts the process it was
-    forked from, before exec), else `ru_maxrss`."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _read_table(store: Store, rel: str, columns=None) -> pa.Table:
@@ -154,7 +144,7 @@ def read_keys(batch: pa.Table, work: str) -> dict:
         out["dup_keys"].append(json.dumps(sorted(k for k, n in Counter(keys).items() if n > 1)))
         out["damage"].append(damage if keys else "")
         out["failed"].append(damage if not keys else "")
-        out["rss_mb"].append(_peak_rss_mb())
+        out["rss_mb"].append(peak_rss_mb())
     return out
 
 
@@ -182,7 +172,7 @@ def route_rows(batch: pa.Table, work: str, cache_dir: str) -> dict:
                 offset += b.num_rows
         for p, parts in buffers.items():
             _write_table(store, f"rows/{p:05d}/{m:06d}.parquet", pa.concat_tables(parts))
-    return {"m": batch["m"].to_pylist(), "stats": [json.dumps({**stats, "rss_mb": _peak_rss_mb()})]}
+    return {"m": batch["m"].to_pylist(), "stats": [json.dumps({**stats, "rss_mb": peak_rss_mb()})]}
 
 
 def _route(t: pa.Table, seq0: int, index: dict, part_of: np.ndarray, buffers: dict, stats: dict) -> None:
@@ -230,7 +220,7 @@ def write_partition(batch: pa.Table, work: str, out_dir: str) -> dict:
             entry, rejects = _write_tar_shard(store, out, tar, mine, schema)
             res["shard"].append(tar["name"])
             res["result"].append(json.dumps({"entry": asdict(entry), "rejects": Counter(r["reason"] for r in rejects),
-                                             "rss_mb": _peak_rss_mb()}))  # fmt: skip
+                                             "rss_mb": peak_rss_mb()}))  # fmt: skip
     return res
 
 

@@ -99,7 +99,6 @@ def read_records(images_dir: Path, captions_file: Path | None, cfg: MakeShardsCo
         ref = {"file": name} if name else {}  # a rejected record's image is accounted for by the record
         value = raw.get(cfg.key_field)
         if cfg.key_from_file_name:
-
             value = importers.key_from_file_name(name) if name else None
         if value is None or str(value).strip() == "":
             what = f"no {cfg.image_field!r} to take the key from" if cfg.key_from_file_name else f"no {cfg.key_field!r} field"

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from l2c.cache import CacheError, ShardFinder, TextCache
+from l2c.cache import CacheError, TextCache
 from l2c.data.images import TOO_LARGE, ImageTooLarge
 from l2c.data.shards import TarReject
 from l2c.image_cache import ImageCache
@@ -31,16 +31,14 @@ class CachedFeatureStream(PairedStream):
     def __init__(self, spec):
         super().__init__(spec)
         self._cache: ImageCache | None = None
-        self._find: ShardFinder | None = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_cache": None, "_find": None}
+        return {**self.__dict__, "_cache": None}
 
     def samples(self, url: str, rejects: list) -> Iterator[dict]:
         if self._cache is None:  # once per process, as the text cache (pairing.py)
             self._cache = ImageCache(self.spec.image_cache)
-            self._find = ShardFinder(self._cache)
-        name = self._find(url)
+        name = self._cache.shard_for_source(url)
         if name is None:  # checked before training starts; a cache changed since is an unreadable shard
             rejects.append(TarReject(url, "unreadable_tar", None, None, f"{url}: no shard in image cache"))
             return iter(())
@@ -97,8 +95,7 @@ def check_image_cache(cfg: TrainConfig, cache: ImageCache, text: TextCache, spec
     if cache.settings.get("image_spec") != spec.to_dict():
         raise CacheError(f"image cache {cache.dir} was preprocessed as {cache.settings.get('image_spec')}, the "
                          f"tower now gives {spec.to_dict()}: re-embed the images")  # fmt: skip
-    find = ShardFinder(cache)
-    lacking = [u for u in shards if find(u) is None]
+    lacking = [u for u in shards if cache.shard_for_source(u) is None]
     if lacking:
         raise CacheError(f"image cache {cache.dir} has no shard for {len(lacking)} of the --images tars "
                          f"(first: {lacking[0]}); embed them with `l2c embed-images`")  # fmt: skip

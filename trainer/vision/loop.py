@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from l2c import atomic
-from l2c.cache import CacheError, ShardFinder, TextCache
+from l2c.cache import CacheError, TextCache
 from l2c.config import dump_config, to_dict
 from l2c.data.shards import expand_shards
 from l2c.errors import JobFailed, L2CError
@@ -519,8 +519,7 @@ def _warn_coverage(r: Run, shards: list[str]) -> None:
     """A schedule that does not see each image once (estimated from the cache rows of these tars' shards)."""
     if not r.main:
         return
-    find = ShardFinder(r.cache)
-    named = [find(u) for u in shards]
+    named = [r.cache.shard_for_source(u) for u in shards]
     first = next((n for n in named if n and r.cache.manifest.shards[n].rows), None) or r.cache.shard_names[0]
     keys = r.cache.read_shard(first, ["key"]).column("key")
     per_key = max(1.0, len(keys) / max(1, len(keys.unique())))  # rows per image: captions per key
