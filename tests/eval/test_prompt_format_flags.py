@@ -14,7 +14,7 @@ from l2c.teacher import TeacherMismatch, TeacherSpec
 
 
 @pytest.fixture(scope="module")
-def released(tmp_path_factory):
+def released(tmp_path_factory, shared_data):  # its tokenizer is trained on the shared captions
     from tests.interop.data import make_released_teacher
 
     return make_released_teacher(tmp_path_factory.mktemp("released"))

@@ -15,15 +15,14 @@ from l2c.cache import TextCache
 from l2c.cli import main
 from l2c.pipeline.negatives import MineConfig, run_mine
 
-ROOT = Path(__file__).resolve().parents[2]
-CAPTIONS = ROOT.parent / "shared" / "data" / "flickr8k_dev_captions.jsonl"
+CAPTIONS = "flickr8k_dev_captions.jsonl"  # under ../shared/data
 
 
 @pytest.fixture(scope="module")
-def real_cache(tmp_path_factory, minilm_path):
+def real_cache(tmp_path_factory, minilm_path, shared_data):
     """90 Flickr8k dev photos' five captions each, embedded with the packaged MiniLM into 3 shards."""
     root = tmp_path_factory.mktemp("negatives")
-    records = [json.loads(line) for line in CAPTIONS.read_text().splitlines()[:90]]
+    records = [json.loads(line) for line in (shared_data / CAPTIONS).read_text().splitlines()[:90]]
     sources = []
     for s in range(3):
         p = root / f"part-{s}.jsonl"

@@ -27,7 +27,7 @@ HEADER = "<|start_header_id|>user<|end_header_id|>\n\n"
 
 
 @pytest.fixture(scope="module")
-def released(tmp_path_factory):
+def released(tmp_path_factory, shared_data):  # its tokenizer is trained on the shared captions
     """A tiny Llama-3-style teacher in the released layout: LlamaBiModel + auto_map, no remote-code file."""
     from tests.interop.data import make_released_teacher
 
